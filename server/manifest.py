@@ -1,0 +1,174 @@
+"""The model-repository manifest: the one contract between `training/` (which writes it) and `server/`.
+
+A model version lives in `<repo>/<name>/<version>/` with `manifest.json` beside its ONNX files.
+`load_manifest` refuses a version whose files do not match what the manifest says, so the server
+never starts on a half-copied or hand-edited repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+ConfidenceKind = Literal["max_softmax", "entropy", "margin"]
+
+
+class RepositoryError(ValueError):
+    """A model repository or version that cannot be served; the message says what to fix."""
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Schema):
+    """What one input is and how a client's image becomes one."""
+
+    name: str = "input"
+    shape: tuple[int, int, int] = Field(description="(channels, height, width) of one input, no batch axis")
+    dtype: Literal["float32"] = "float32"
+    color_mode: Literal["L", "RGB"] = Field(description="PIL mode an image is converted to before resizing")
+    resize: Literal["bilinear"] = "bilinear"
+    scale: float = Field(1 / 255, description="pixel value multiplier applied before normalisation")
+    mean: float
+    std: float
+
+
+class StageSpec(Schema):
+    """One stage graph: takes the previous boundary tensor, yields its own boundary and its exit's logits."""
+
+    index: int
+    file: str
+    sha256: str
+    input_name: str
+    boundary_output: str | None = Field(description="None for the last stage, which only yields logits")
+    logits_output: str
+    backbone_macs: int
+    head_macs: int
+
+
+class CalibrationBin(Schema):
+    lower: float
+    upper: float
+    count: int
+    accuracy: float | None
+
+
+class ExitSpec(Schema):
+    index: int
+    after_block: int
+    val_accuracy: float
+    test_accuracy: float
+    mean_confidence: float
+    reliability: list[CalibrationBin] = Field(description="validation accuracy by confidence bin")
+
+
+class OperatingPoint(Schema):
+    """Per-exit thresholds and what they are expected to give; the last exit always answers."""
+
+    name: str
+    search: Literal["shared", "per-exit", "full"]
+    thresholds: list[float] = Field(
+        description="one per exit; a sample leaves at exit k when confidence ≥ thresholds[k]"
+    )
+    val_accuracy: float
+    test_accuracy: float
+    exit_fractions: list[float]
+    expected_macs: float
+    expected_latency_ms: float
+    relative_cost: float = Field(description="expected latency over the full graph's, at batch 1")
+
+
+class StageLatency(Schema):
+    batch_size: int
+    stage_ms: list[float] = Field(description="median latency of each stage graph")
+    chain_ms: float = Field(description="median latency of all stages chained")
+    full_graph_ms: float = Field(description="median latency of the single full graph")
+
+
+class CostProfile(Schema):
+    host: str
+    cpu_count: int
+    onnxruntime: str
+    intra_op_threads: int
+    measured_at: str
+    latency: list[StageLatency]
+
+
+class FullGraphSpec(Schema):
+    file: str
+    sha256: str
+    input_name: str
+    logits_outputs: list[str]
+
+
+class Manifest(Schema):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: int
+    created_at: str
+    input: InputSpec
+    labels: list[str]
+    confidence: ConfidenceKind = "max_softmax"
+    stages: list[StageSpec]
+    exits: list[ExitSpec]
+    full_graph: FullGraphSpec
+    frontier: list[OperatingPoint]
+    default_operating_point: str
+    cost: CostProfile
+    provenance: dict[str, object] = Field(description="regime, data split, seed, training summary, commit")
+
+    def operating_point(self, name: str) -> OperatingPoint:
+        for point in self.frontier:
+            if point.name == name:
+                return point
+        raise KeyError(name)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(version_dir: Path) -> Manifest:
+    """Parse and check a version folder: schema, file presence and hashes, internal consistency."""
+    path = version_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise RepositoryError(f"{version_dir}: no {MANIFEST_FILE}")
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RepositoryError(f"{path}: invalid manifest at '{where}': {first['msg']}") from None
+    files = [(s.file, s.sha256) for s in manifest.stages] + [(manifest.full_graph.file, manifest.full_graph.sha256)]
+    for name, expected in files:
+        f = version_dir / name
+        if not f.is_file():
+            raise RepositoryError(f"{version_dir}: manifest names {name}, which is missing")
+        if sha256_of(f) != expected:
+            raise RepositoryError(f"{version_dir}: {name} does not match its sha256 in the manifest")
+    n = len(manifest.stages)
+    if len(manifest.exits) != n or n == 0:
+        raise RepositoryError(f"{path}: {n} stages but {len(manifest.exits)} exits")
+    if any(s.boundary_output is None for s in manifest.stages[:-1]) or manifest.stages[-1].boundary_output:
+        raise RepositoryError(f"{path}: every stage but the last needs a boundary output, and the last none")
+    for point in manifest.frontier:
+        if len(point.thresholds) != n or len(point.exit_fractions) != n:
+            raise RepositoryError(f"{path}: operating point {point.name!r} does not have one threshold per exit")
+    if manifest.default_operating_point not in {p.name for p in manifest.frontier}:
+        raise RepositoryError(
+            f"{path}: default operating point {manifest.default_operating_point!r} is not on the frontier"
+        )
+    if str(manifest.version) != version_dir.name or manifest.name != version_dir.parent.name:
+        raise RepositoryError(f"{path}: says {manifest.name}/{manifest.version} but lives in {version_dir}")
+    return manifest
