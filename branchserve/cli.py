@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from server import cli as server_cli
+from server import repo_cli
+from training import analysis_cli, export_cli
 from training import cli as training_cli
 
-COMMANDS = [training_cli.register]
+COMMANDS = [training_cli.register, analysis_cli.register, export_cli.register, repo_cli.register, server_cli.register]
 
 
 def main(argv: list[str] | None = None) -> None:

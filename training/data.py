@@ -153,7 +153,7 @@ def load_image_folder(
     return Dataset(root.name, classes, spec, Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]))
 
 
-def augment(x: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
+def augment(x: Tensor, generator: torch.Generator, pad: int = 1) -> Tensor:
     """Random shifts of up to `pad` pixels and horizontal flips, drawn from `generator`."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))

@@ -24,7 +24,7 @@ class ArchConfig:
     blocks: tuple[tuple[int, int], ...] = ((24, 2), (24, 1), (48, 2), (48, 1), (96, 2), (96, 1), (96, 1), (96, 1))
     exits: tuple[int, ...] = (1, 3, 5, 7)
     head_conv_width: int = 48
-    head_pool: int = 2
+    head_pool: int = 4
 
 
 def equidistant_positions(num_blocks: int, num_exits: int) -> tuple[int, ...]:

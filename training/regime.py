@@ -40,7 +40,7 @@ class RegimeConfig(BaseModel):
     lr: float = Field(0.1, gt=0)
     finetune_lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(128, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")

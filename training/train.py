@@ -80,6 +80,36 @@ def evaluate(model: BranchedNet, split: Split, batch_size: int = 1000) -> list[f
     return (correct / max(len(split), 1)).tolist()
 
 
+def train_epoch(
+    model: BranchedNet,
+    phase: Phase,
+    opt: torch.optim.Optimizer,
+    split: Split,
+    cfg: RegimeConfig,
+    epoch: int,
+    first_step: int,
+    phase_steps: int,
+) -> float:
+    """One pass over `split` in shuffled batches; returns the mean weighted loss."""
+    set_modes(model, phase)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(len(split), generator=gen)
+    steps = math.ceil(len(split) / cfg.batch_size)
+    running = 0.0
+    for s in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(phase.lr, first_step + s, phase_steps)
+        idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        x = augment(split.x[idx], gen).contiguous(memory_format=torch.channels_last)
+        losses = exit_losses(model(x), split.y[idx], cfg)
+        loss = sum(w * term for w, term in zip(phase.weights, losses, strict=True) if w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+    return running / steps
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: RegimeConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
@@ -145,28 +175,14 @@ def train(
             ):
                 opt.load_state_dict(ckpt["optimizer"])
             t0 = time.perf_counter()
-            set_modes(model, phase)
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_split), generator=gen)
-            running = 0.0
-            for s in range(steps_per_epoch):
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(phase.lr, e * steps_per_epoch + s, phase_steps)
-                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                x = augment(train_split.x[idx], gen).contiguous(memory_format=torch.channels_last)
-                losses = exit_losses(model(x), train_split.y[idx], cfg)
-                loss = sum(w * term for w, term in zip(phase.weights, losses, strict=True) if w)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running += loss.item()
+            loss = train_epoch(model, phase, opt, train_split, cfg, epoch, e * steps_per_epoch, phase_steps)
             val = evaluate(model, data.val)
             elapsed += time.perf_counter() - t0
             epoch += 1
             row = {
                 "epoch": epoch,
                 "phase": phase.name,
-                "loss": running / steps_per_epoch,
+                "loss": loss,
                 "val_accuracy": val,
                 "elapsed_s": elapsed,
             }

@@ -1,0 +1,243 @@
+"""Training on small real subsets of Fashion-MNIST: regimes move the right weights, resume, data errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import DataError, Dataset, load_fashion_mnist, load_image_folder, read_idx
+from training.model import ArchConfig, BranchedNet, equidistant_positions, stage_macs
+from training.regime import PRESETS, RegimeConfig, arch_for, loss_weights, phases
+from training.train import exit_losses, make_optimizer, set_trainable, train_epoch
+
+TINY = ArchConfig(stem_width=4, blocks=((8, 2), (8, 1), (16, 2), (16, 1)), exits=(3,), head_conv_width=8)
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> Dataset:
+    return load_fashion_mnist()
+
+
+@pytest.fixture(scope="module")
+def small(fmnist: Dataset) -> Dataset:
+    return Dataset(
+        fmnist.name, fmnist.labels, fmnist.input, fmnist.train.head(512), fmnist.val.head(256), fmnist.test.head(256)
+    )
+
+
+def snapshot(model: BranchedNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], model: BranchedNet) -> set[str]:
+    """Top-level modules (stem, blocks.i, heads.k) whose parameters moved (outputs are checked apart)."""
+    return {
+        ".".join(name.split(".")[:2]) if name.startswith(("blocks", "heads")) else name.split(".")[0]
+        for name, p in model.named_parameters()
+        if not torch.equal(before[name], p)
+    }
+
+
+def run_phases(cfg: RegimeConfig, data: Dataset) -> tuple[BranchedNet, list[set[str]], list[list[torch.Tensor]]]:
+    """Train every phase for its epochs; record what each phase moved and every exit's outputs after it."""
+    torch.manual_seed(cfg.seed)
+    model = BranchedNet(arch_for(cfg, TINY))
+    probe = data.val.x[:64]
+    moved, outputs = [], []
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    for phase in phases(cfg, model):
+        before = snapshot(model)
+        opt = make_optimizer(set_trainable(model, phase), cfg, phase.lr)
+        for e in range(phase.epochs):
+            train_epoch(model, phase, opt, data.train, cfg, e, e * steps, phase.epochs * steps)
+        moved.append(changed(before, model))
+        with torch.no_grad():
+            outputs.append(model.eval()(probe))
+    return model, moved, outputs
+
+
+ALL = {"stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "heads.0", "heads.1", "heads.2", "heads.3"}
+
+
+@pytest.mark.parametrize("weighting", ["equal", "seed", "increasing", "decreasing", [1.0, 0.0, 0.0, 1.0]])
+def test_joint_weighting_moves_what_has_weight(small: Dataset, weighting: str | list[float]) -> None:
+    cfg = RegimeConfig(weighting=weighting, schedule="joint", epochs=1, batch_size=128)
+    _, moved, _ = run_phases(cfg, small)
+    if isinstance(weighting, list):
+        assert moved == [ALL - {"heads.1", "heads.2"}]  # exits with zero weight learn nothing
+    else:
+        assert moved == [ALL]
+
+
+def test_loss_weights_presets() -> None:
+    assert loss_weights("seed", 4) == pytest.approx([0.2, 0.2, 0.2, 0.4])
+    assert loss_weights("equal", 4) == pytest.approx([0.25] * 4)
+    assert loss_weights("decreasing", 4) == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    with pytest.raises(ValueError, match="non-negative"):
+        loss_weights([1.0, -1.0], 2)
+
+
+def test_finetune_after_last_branch_keeps_early_exits_exact(small: Dataset) -> None:
+    cfg = RegimeConfig(schedule="joint+finetune", epochs=2, finetune_epochs=1, batch_size=128)
+    _, moved, outputs = run_phases(cfg, small)
+    assert moved[0] == ALL
+    assert moved[1] == {"blocks.3", "heads.3"}  # only what no earlier exit sees
+    joint, tuned = outputs
+    for k in range(3):
+        assert torch.equal(joint[k], tuned[k]), f"exit {k} changed during the finetune"
+    assert not torch.equal(joint[3], tuned[3])
+
+
+def test_finetune_all_then_refit_branch_heads(small: Dataset) -> None:
+    cfg = RegimeConfig(schedule="joint+finetune", finetune_scope="all", epochs=3, finetune_epochs=1, refit_epochs=1)
+    _, moved, outputs = run_phases(cfg, small)
+    assert [p.name for p in phases(cfg, BranchedNet(arch_for(cfg, TINY)))] == ["joint", "finetune", "refit"]
+    assert moved[1] == ALL - {"heads.0", "heads.1", "heads.2"}
+    assert moved[2] == {"heads.0", "heads.1", "heads.2"}
+    assert torch.equal(outputs[1][3], outputs[2][3])  # the refit leaves the final exit alone
+
+
+def test_backbone_first_trains_final_exit_then_all(small: Dataset) -> None:
+    cfg = RegimeConfig(schedule="backbone-first", epochs=2, backbone_epochs=1, batch_size=128)
+    _, moved, _ = run_phases(cfg, small)
+    assert moved == [ALL - {"heads.0", "heads.1", "heads.2"}, ALL]
+
+
+def test_self_distillation_trains_every_exit(small: Dataset) -> None:
+    plain = RegimeConfig(schedule="joint", epochs=1, batch_size=128)
+    distill = plain.model_copy(update={"objective": "ce+distill"})
+    _, _, out_ce = run_phases(plain, small)
+    model_kd, moved_kd, out_kd = run_phases(distill, small)
+    model_kd.eval()
+    assert moved_kd == [ALL]
+    assert not torch.equal(out_ce[0][0], out_kd[0][0])
+    logits = [o.detach() for o in model_kd(small.val.x[:32])]
+    ce = exit_losses(logits, small.val.y[:32], plain)
+    kd = exit_losses(logits, small.val.y[:32], distill)
+    assert torch.equal(ce[-1], kd[-1])  # the final exit is the teacher: plain cross-entropy
+    assert all(not torch.equal(a, b) for a, b in zip(ce[:-1], kd[:-1], strict=True))
+
+
+def test_unbranched_preset_has_one_exit_and_same_backbone() -> None:
+    branched = BranchedNet(arch_for(RegimeConfig(**PRESETS["progressive"]), ArchConfig()))
+    plain = BranchedNet(arch_for(RegimeConfig(**PRESETS["unbranched"]), ArchConfig()))
+    assert len(plain.heads) == 1 and len(branched.heads) == 4
+    assert [n for n, _ in plain.blocks.named_parameters()] == [n for n, _ in branched.blocks.named_parameters()]
+    macs = stage_macs(branched)
+    assert all(m["head_macs"] < m["backbone_macs"] / 5 for m in macs)
+    assert sum(m["backbone_macs"] for m in macs) == stage_macs(plain)[0]["backbone_macs"]
+
+
+def test_positions() -> None:
+    assert equidistant_positions(8, 4) == (1, 3, 5, 7)
+    assert equidistant_positions(8, 1) == (7,)
+    assert arch_for(RegimeConfig(branches=2, positions=[2, 7]), ArchConfig()).exits == (2, 7)
+    with pytest.raises(ValueError, match="last exit"):
+        BranchedNet(ArchConfig(exits=(1, 3)))
+
+
+def cli(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "branchserve.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_resume_after_kill_continues_from_saved_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--epochs", "3", "--finetune-epochs", "1", "--train-limit", "1024", "--threads", "1"]
+    proc = cli(*args, start_new_session=True)
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert done_before and done_before[-1] < 3, "the run finished before it could be interrupted"
+
+    resumed = cli(*args, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and len(summary["test_accuracy"]) == 4
+    assert summary["config"]["schedule"] == "joint+finetune"
+
+
+def make_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    shapes = [((20, 30), "L", "png"), ((64, 48), "RGB", "jpg"), ((28, 28), "RGBA", "png"), ((100, 90), "RGB", "jpeg")]
+    for c, name in enumerate(["boots", "hats", "socks"]):
+        (root / name).mkdir(parents=True)
+        for i in range(8):
+            (w, h), mode, ext = shapes[i % len(shapes)]
+            pixels = rng.integers(0, 255, (h, w, len(mode)), dtype=np.uint8) // (c + 1)
+            Image.fromarray(pixels.squeeze()).save(root / name / f"{i}.{ext}")
+
+
+def test_folder_dataset_mixed_sizes_and_colours(tmp_path: Path) -> None:
+    make_folder(tmp_path / "imgs")
+    data = load_image_folder(tmp_path / "imgs")
+    assert data.labels == ["boots", "hats", "socks"]
+    assert len(data.train) + len(data.val) + len(data.test) == 24
+    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.float32
+    assert set(data.train.y.tolist()) <= {0, 1, 2}
+    proc = cli(
+        "--data-dir",
+        str(tmp_path / "imgs"),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--batch-size",
+        "8",
+    )
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["name"] == "imgs" and summary["data"]["train"] == len(data.train)
+
+
+def test_bad_paths_and_corrupt_files_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+    bad = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="corrupt"):
+        read_idx(bad)
+    bad.write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05ab"))  # says 5 labels, holds 2
+    with pytest.raises(DataError, match="corrupt"):
+        read_idx(bad)
+    with pytest.raises(DataError, match="not a folder"):
+        load_image_folder(tmp_path / "missing")
+    make_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "hats" / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError, match=r"broken\.png"):
+        load_image_folder(tmp_path / "imgs")
+    proc = cli("--fmnist-dir", str(tmp_path), "--out", str(tmp_path / "run"))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert stderr.strip().splitlines() == [
+        f"branchserve train: {tmp_path}/train-images-idx3-ubyte.gz not found: "
+        "install it with 'apt-get install -y dataset-fashion-mnist' or pass --fmnist-dir"
+    ]
