@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from loadtest import cli as loadtest_cli
 from server import cli as server_cli
 from server import repo_cli
 from training import analysis_cli, export_cli
 from training import cli as training_cli
 
 COMMANDS = [training_cli.register, analysis_cli.register, export_cli.register, repo_cli.register, server_cli.register]
+COMMANDS.append(loadtest_cli.register)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,13 +75,18 @@ class OperatingPoint(Schema):
     name: str
     search: Literal["shared", "per-exit", "full"]
     thresholds: list[float] = Field(
-        description="one per exit; a sample leaves at exit k when confidence ≥ thresholds[k]"
+        description="one per exit; a sample leaves at exit k when confidence ≥ thresholds[k]; "
+        "a threshold above 1 means exit k never answers"
     )
-    val_accuracy: float
-    test_accuracy: float
-    exit_fractions: list[float]
+    val_accuracy: float = Field(description="on the whole validation split")
+    holdout_accuracy: float | None = Field(
+        None, description="on the validation half that chose the frontier, never seen by the threshold search"
+    )
+    test_accuracy: float = Field(description="reported only, never used for a choice")
+    exit_fractions: list[float] = Field(description="share of validation samples leaving at each exit")
+    test_exit_fractions: list[float] | None = None
     expected_macs: float
-    expected_latency_ms: float
+    expected_latency_ms: float = Field(description="at batch 1, from the cost profile's stage latencies")
     relative_cost: float = Field(description="expected latency over the full graph's, at batch 1")
 
 
@@ -90,6 +95,7 @@ class StageLatency(Schema):
     stage_ms: list[float] = Field(description="median latency of each stage graph")
     chain_ms: float = Field(description="median latency of all stages chained")
     full_graph_ms: float = Field(description="median latency of the single full graph")
+    runs: int | None = Field(None, description="timed runs after warm-up that each median is taken over")
 
 
 class CostProfile(Schema):
@@ -98,7 +104,16 @@ class CostProfile(Schema):
     onnxruntime: str
     intra_op_threads: int
     measured_at: str
+    load_average: tuple[float, float, float] | None = Field(
+        None, description="os.getloadavg() when measuring: a busy host makes every figure suspect"
+    )
     latency: list[StageLatency]
+
+    def at_batch(self, batch_size: int) -> StageLatency:
+        for row in self.latency:
+            if row.batch_size == batch_size:
+                return row
+        raise KeyError(batch_size)
 
 
 class FullGraphSpec(Schema):
@@ -106,6 +121,7 @@ class FullGraphSpec(Schema):
     sha256: str
     input_name: str
     logits_outputs: list[str]
+    boundary_outputs: list[str] = Field(default_factory=list, description="stage boundary tensors, for checks")
 
 
 class Manifest(Schema):
@@ -153,6 +169,8 @@ def load_manifest(version_dir: Path) -> Manifest:
     files = [(s.file, s.sha256) for s in manifest.stages] + [(manifest.full_graph.file, manifest.full_graph.sha256)]
     for name, expected in files:
         f = version_dir / name
+        if Path(name).name != name:
+            raise RepositoryError(f"{path}: file {name!r} must be a plain name inside the version folder")
         if not f.is_file():
             raise RepositoryError(f"{version_dir}: manifest names {name}, which is missing")
         if sha256_of(f) != expected:
@@ -162,6 +180,15 @@ def load_manifest(version_dir: Path) -> Manifest:
         raise RepositoryError(f"{path}: {n} stages but {len(manifest.exits)} exits")
     if any(s.boundary_output is None for s in manifest.stages[:-1]) or manifest.stages[-1].boundary_output:
         raise RepositoryError(f"{path}: every stage but the last needs a boundary output, and the last none")
+    feeds = [manifest.input.name] + [s.boundary_output for s in manifest.stages[:-1]]
+    for k, (stage, feed) in enumerate(zip(manifest.stages, feeds, strict=True)):
+        if stage.index != k or stage.input_name != feed:
+            raise RepositoryError(
+                f"{path}: stage number {k} (index {stage.index}) must take {feed!r}, "
+                f"the tensor before it, not {stage.input_name!r}"
+            )
+    if manifest.full_graph.input_name != manifest.input.name or len(manifest.full_graph.logits_outputs) != n:
+        raise RepositoryError(f"{path}: the full graph must take {manifest.input.name!r} and yield {n} logits")
     for point in manifest.frontier:
         if len(point.thresholds) != n or len(point.exit_fractions) != n:
             raise RepositoryError(f"{path}: operating point {point.name!r} does not have one threshold per exit")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.analysis import AnalysisSettings
+    from training.data import Dataset
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _data(args: argparse.Namespace, command: str):  # type: ignore[no-untyped-def]
+def _data(args: argparse.Namespace, command: str) -> Dataset:
     from training.data import DataError, load_fashion_mnist, load_image_folder
 
     try:
@@ -18,7 +23,7 @@ def _data(args: argparse.Namespace, command: str):  # type: ignore[no-untyped-de
         sys.exit(f"branchserve {command}: {e}")
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace) -> AnalysisSettings:
     from training.analysis import AnalysisSettings
 
     return AnalysisSettings(probe_train=args.probe_train, probe_test=args.probe_test, pool=args.pool)
@@ -55,7 +60,9 @@ def _study(args: argparse.Namespace) -> None:
             analysis=_settings(args),
         )
         data = _data(args, "study")
-        results = run_study(spec, data, args.out, threads=args.threads)
+        results = run_study(
+            spec, data, args.out, threads=args.threads, after_cell=lambda done: write_study(done, spec, args.out)
+        )
     except ValueError as e:
         sys.exit(f"branchserve study: {e}")
     print(write_study(results, spec, args.out))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from training.analysis import Analysis, ModelAnalysis, relative_change
 from training.study import CellResult, StudySpec
@@ -173,6 +174,7 @@ def plot_study(results: list[CellResult], budget: float, path: Path) -> None:
     axes[0].axvline(budget, color="0.6", ls="--", lw=0.8)
     axes[0].set(title="early-exit frontier (test)", xlabel="expected cost / unbranched cost", ylabel="accuracy")
     axes[1].set(title="test accuracy per exit", xlabel="exit", ylabel="accuracy")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set(title="linear-probe accuracy", xlabel="backbone block", ylabel="accuracy")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(results), 3), fontsize=7)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(results) / 3), 1, 1))
@@ -200,7 +202,7 @@ def study_table(results: list[CellResult], budget: float) -> str:
         "final exit (%)",
         f"acc. at cost ≤ {budget:g} (cost)",
         "probe AUC",
-        "train min",
+        "wall min",
     ]
     return _table(header, rows)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,9 @@ from training.train import load_model, train
 SPEC = "spec.json"
 SCORE = "score.json"
 RESULTS = "results.json"
+LOG_VAL = 2000
+"""Validation images a cell's per-epoch log is scored on: the log steers nothing, and scoring the full
+split after every epoch would cost a study about a third of its time. Scoring a cell uses all of it."""
 
 GridValue = str | int | float | list[int] | list[float]
 
@@ -216,8 +221,13 @@ def run_study(
     base_arch: ArchConfig | None = None,
     threads: int | None = None,
     progress: bool = True,
+    after_cell: Callable[[list[CellResult]], None] | None = None,
 ) -> list[CellResult]:
-    """Train and score every unfinished cell, then return all cells ranked (also written to results.json)."""
+    """Train and score every unfinished cell, then return all cells ranked (also written to results.json).
+
+    `after_cell` receives the ranked cells finished so far after each newly scored cell, so a long
+    study shows partial results while it runs.
+    """
     out.mkdir(parents=True, exist_ok=True)
     check_spec(out, spec)
     cells = spec.cells()
@@ -234,7 +244,7 @@ def run_study(
                 continue
         summary = train(
             cfg,
-            data,
+            replace(data, val=data.val.head(LOG_VAL)),
             cell_dir,
             base_arch,
             resume=True,
@@ -246,6 +256,8 @@ def run_study(
         result = score_cell(name, cell, model, summary, data, spec, progress)
         score_path.write_text(result.model_dump_json(indent=2) + "\n")
         results.append(result)
+        if after_cell:
+            after_cell(rank(results))
     ranked = rank(results)
     (out / RESULTS).write_text(json.dumps([r.model_dump() for r in ranked], indent=2) + "\n")
     return ranked

@@ -27,11 +27,14 @@ LOG = "log.jsonl"
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout the code runs from, with "-dirty" when it has uncommitted changes."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here).stdout
     except OSError:
         return None
-    return out.stdout.strip() or None
+    return (head + ("-dirty" if dirty.strip() else "")) or None
 
 
 def set_trainable(model: BranchedNet, phase: Phase) -> list[nn.Parameter]:

@@ -1,0 +1,200 @@
+"""Serve a model over the 10k Fashion-MNIST test images through real HTTP and check the must-show figures.
+
+    nice -n 19 python bench/serve_accuracy.py                      # starts `branchserve serve` on models/
+    nice -n 19 python bench/serve_accuracy.py --url http://127.0.0.1:8000 --limit 2000
+
+Three passes over the test set, each image sent as a PNG body (converted by the server as the
+manifest says):
+  default   the server's default operating point
+  full      every input to the final exit (a request budget of max_accuracy_drop = 0)
+  deadline  a deadline of --deadline-fraction × the full pass's median server latency
+Compute is measured two ways: the server's own stage time per request (`compute_ms`) and MACs
+from the exit each input left at. Exits 1 if a criterion fails. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+ACCURACY_TOLERANCE = 0.005  # within 0.5 pp of the final exit
+COMPUTE_RATIO_LIMIT = 0.45  # mean compute at most 0.45× of full depth
+DEADLINE_MET_TARGET = 0.99
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip) as a numpy array."""
+    with gzip.open(path) as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "branchserve.cli", "serve", "--repository", str(repo), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.terminate()
+    sys.exit("server did not become ready in 60 s")
+
+
+def run_pass(url: str, model: str, bodies: list[bytes], params: dict[str, str], concurrency: int) -> list[dict]:
+    """POST every body as image/png; returns each response plus the client-side latency."""
+
+    def worker(indices: range) -> list[tuple[int, dict]]:
+        out = []
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for i in indices:
+                t0 = time.perf_counter()
+                r = client.post(
+                    f"/v1/models/{model}/predict",
+                    content=bodies[i],
+                    params=params,
+                    headers={"content-type": "image/png"},
+                )
+                client_ms = (time.perf_counter() - t0) * 1e3
+                if r.status_code != 200:
+                    raise SystemExit(f"request {i}: HTTP {r.status_code} {r.text}")
+                out.append((i, {**r.json(), "client_ms": client_ms}))
+        return out
+
+    chunks = [range(w, len(bodies), concurrency) for w in range(concurrency)]
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = [item for part in pool.map(worker, chunks) for item in part]
+    return [r for _, r in sorted(results, key=lambda t: t[0])]
+
+
+def summarise(responses: list[dict], labels: np.ndarray, cumulative_macs: np.ndarray) -> dict:
+    exits = np.array([r["outputs"][0]["exit"] for r in responses])
+    predicted = np.array([r["outputs"][0]["class"] for r in responses])
+    latency = np.array([r["latency_ms"] for r in responses])
+    client = np.array([r["client_ms"] for r in responses])
+    summary = {
+        "requests": len(responses),
+        "accuracy": float((predicted == labels).mean()),
+        "mean_compute_ms": float(np.mean([r["compute_ms"] for r in responses])),
+        "mean_macs": float(cumulative_macs[exits].mean()),
+        "exit_fractions": (np.bincount(exits, minlength=len(cumulative_macs)) / len(exits)).round(4).tolist(),
+        "server_latency_ms": {"p50": float(np.median(latency)), "p99": float(np.percentile(latency, 99))},
+        "client_latency_ms": {"p50": float(np.median(client)), "p99": float(np.percentile(client, 99))},
+        "operating_point": responses[0]["budget"]["operating_point"],
+    }
+    if responses[0]["budget"]["deadline_ms"] is not None:
+        missed = np.array([r["deadline_missed"] for r in responses])
+        one_stage = np.array([r["stages_run"] == 1 for r in responses])
+        summary["deadline_met"] = float(1 - missed.mean())
+        summary["deadline_stopped"] = float(np.mean([r["deadline_stopped"] for r in responses]))
+        # The first stage always runs: a miss with one stage is the host being slower than the
+        # deadline allows; a miss after more is a stage predicted to fit that did not.
+        summary["missed_with_first_stage_only"] = float((missed & one_stage).mean())
+        summary["missed_after_a_predicted_stage"] = float((missed & ~one_stage).mean())
+        summary["mean_overhead_ms"] = float(np.mean([r["latency_ms"] - r["compute_ms"] for r in responses]))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, default=Path("models"), help="repository to serve (ignored with --url)")
+    ap.add_argument("--url", help="an already running server instead of starting one")
+    ap.add_argument("--model", default="fmnist-resnet")
+    ap.add_argument("--limit", type=int, help="first N test images only (default: all 10k)")
+    ap.add_argument("--concurrency", type=int, default=1, help="client connections; 1 keeps timing clean on 2 cores")
+    ap.add_argument("--deadline-fraction", type=float, default=0.6, help="deadline as a fraction of the full chain")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    images = read_idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz")[: args.limit]
+    labels = read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")[: args.limit].astype(np.int64)
+    bodies = [png(img) for img in images]
+
+    proc = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        proc = start_server(args.repo, port)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        meta = httpx.get(f"{url}/v1/models/{args.model}").raise_for_status().json()
+        cumulative_macs = np.array([e["cumulative_macs"] for e in meta["exits"]], dtype=float)
+        default = summarise(run_pass(url, args.model, bodies, {}, args.concurrency), labels, cumulative_macs)
+        full = summarise(
+            run_pass(url, args.model, bodies, {"max_accuracy_drop": "0"}, args.concurrency), labels, cumulative_macs
+        )
+        deadline_ms = round(args.deadline_fraction * full["server_latency_ms"]["p50"], 3)
+        deadline = summarise(
+            run_pass(url, args.model, bodies, {"deadline_ms": str(deadline_ms)}, args.concurrency),
+            labels,
+            cumulative_macs,
+        )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    figures = {
+        "model": f"{meta['name']}/{meta['version']}",
+        "images": len(labels),
+        "concurrency": args.concurrency,
+        "manifest_final_exit_test_accuracy": meta["exits"][-1]["test_accuracy"],
+        "default": default,
+        "full": full,
+        "deadline_ms": deadline_ms,
+        "deadline": deadline,
+        "accuracy_drop_pp": (full["accuracy"] - default["accuracy"]) * 100,
+        "compute_ratio_stage_time": default["mean_compute_ms"] / full["mean_compute_ms"],
+        "compute_ratio_macs": default["mean_macs"] / full["mean_macs"],
+    }
+    checks = {
+        "accuracy within 0.5 pp of the final exit": full["accuracy"] - default["accuracy"] <= ACCURACY_TOLERANCE,
+        "compute ≤ 0.45× full depth (stage time)": figures["compute_ratio_stage_time"] <= COMPUTE_RATIO_LIMIT,
+        "compute ≤ 0.45× full depth (MACs)": figures["compute_ratio_macs"] <= COMPUTE_RATIO_LIMIT,
+        f"deadline {deadline_ms} ms met by ≥ 99 %": deadline["deadline_met"] >= DEADLINE_MET_TARGET,
+    }
+    figures["checks"] = checks
+    text = json.dumps(figures, indent=2, ensure_ascii=False)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    sys.exit(0 if all(checks.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()

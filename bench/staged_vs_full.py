@@ -1,0 +1,48 @@
+"""What splitting costs: the chain of stage graphs run to the end against the single full graph.
+
+    nice -n 5 python bench/staged_vs_full.py models/fmnist-resnet/1 --repeats 5 --runs 2000
+
+Each repeat opens fresh sessions (one intra-op thread, no spinning, as the server does) and times
+chain and full graph interleaved in one loop at batch 1; the ratio reported is the median over
+repeats of each repeat's median chain time over median full-graph time. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from server.profiling import describe_host, measure
+from server.repository import load_version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("version_dir", type=Path)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=2000, help="timed runs per repeat, after a tenth as many warm-up")
+    parser.add_argument("--batch-size", type=int, default=1)
+    args = parser.parse_args()
+    m = load_version(args.version_dir)
+    files = [args.version_dir / s.file for s in m.stages]
+    print(f"{m.name}/{m.version} on {describe_host()}, load average {os.getloadavg()[0]:.2f}")
+    ratios = []
+    for r in range(args.repeats):
+        row = measure(files, args.version_dir / m.full_graph.file, m.input.shape, (args.batch_size,), args.runs, False)
+        ratios.append(row[0].chain_ms / row[0].full_graph_ms)
+        print(
+            f"repeat {r}: chain {row[0].chain_ms:.3f} ms (stages {' + '.join(f'{s:.3f}' for s in row[0].stage_ms)}), "
+            f"full graph {row[0].full_graph_ms:.3f} ms, ratio {ratios[-1]:.3f}"
+        )
+    print(
+        f"chain / full at batch {args.batch_size}: median {np.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.repeats} repeats of {args.runs} runs; "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

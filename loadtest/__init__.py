@@ -1,0 +1,1 @@
+"""Load tests: locust users with real Fashion-MNIST images, budgets, and the `branchserve loadtest` runner."""

@@ -1,0 +1,173 @@
+"""Server parts without HTTP, on the exported tiny model: budgets → thresholds, the stage engine,
+the live clock, input checks, settings, and that nothing in server/ imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from server.budget import Budget, Policy, cheapest_meeting, choose, most_accurate_within
+from server.cli import register
+from server.frontier import expected_cost
+from server.inputs import InputError, array_batch
+from server.manifest import Manifest
+from server.metrics import Metrics
+from server.predictor import Job, ServedModel
+from server.repository import load_repository
+from server.runtime import ModelRuntime, StageClock
+from server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_repo: Path) -> ModelRuntime:
+    ((manifest, version_dir),) = load_repository(tiny_repo).values()
+    return ModelRuntime(manifest, version_dir)
+
+
+@pytest.fixture(scope="module")
+def manifest(runtime: ModelRuntime) -> Manifest:
+    return runtime.manifest
+
+
+@pytest.fixture(scope="module")
+def inputs(runtime: ModelRuntime) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((16, *runtime.input_shape)).astype(np.float32)
+
+
+def test_accuracy_target_picks_the_cheapest_point_that_meets_it(manifest: Manifest) -> None:
+    final = manifest.exits[-1].val_accuracy
+    for drop in (0.001, 0.005, 0.01, 0.05, 1.0):
+        point = cheapest_meeting(manifest, drop)
+        assert point.val_accuracy >= final - drop - 1e-12
+        cheaper = [p for p in manifest.frontier if p.expected_macs < point.expected_macs]
+        assert all(p.val_accuracy < final - drop for p in cheaper)
+    assert cheapest_meeting(manifest, 0).search == "full"
+
+
+def test_latency_budget_picks_the_most_accurate_point_that_fits(manifest: Manifest) -> None:
+    stage_ms = [0.1, 0.2, 0.3, 0.4][: len(manifest.stages)]
+    costs = {p.name: expected_cost(p.exit_fractions, stage_ms) for p in manifest.frontier}
+    for budget in sorted(costs.values()):
+        point = most_accurate_within(manifest, budget, stage_ms)
+        assert costs[point.name] <= budget
+        assert all(p.val_accuracy <= point.val_accuracy for p in manifest.frontier if costs[p.name] <= budget)
+    cheapest = most_accurate_within(manifest, 1e-9, stage_ms)
+    assert costs[cheapest.name] == min(costs.values())
+
+
+def test_policies(manifest: Manifest) -> None:
+    n = len(manifest.exits)
+    assert choose(manifest, Policy(), []).name == manifest.default_operating_point
+    custom = choose(manifest, Policy(thresholds=[0.5] * n), [])
+    assert custom.name == "custom" and custom.point is None and custom.thresholds == (0.5,) * n
+    with pytest.raises(ValueError, match="thresholds"):
+        choose(manifest, Policy(thresholds=[0.5]), [])
+    with pytest.raises(ValueError, match="no operating point"):
+        choose(manifest, Policy(point="nope"), [])
+    with pytest.raises(ValidationError, match="at most one"):
+        Policy(point="a", max_accuracy_drop=0.1)
+    with pytest.raises(ValidationError):
+        Policy(thresholds=[float("nan")] * n)
+    with pytest.raises(ValidationError):
+        Budget(deadline_ms=0)
+
+
+def test_shrinking_batch_answers_as_single_inputs_do(runtime: ModelRuntime, inputs: np.ndarray) -> None:
+    n = runtime.num_exits
+    probe = runtime.run(inputs, [2.0] * n, max_exit=0)
+    threshold = float(np.median(probe.confidence))
+    thresholds = [threshold] + [0.0] * (n - 1)
+    batch = runtime.run(inputs, thresholds, max_exit=n - 1)
+    assert set(batch.exits.tolist()) == {0, 1}
+    assert len(batch.scored[1]) == (batch.exits == 1).sum()  # stage 1 saw only those that stayed
+    for i, x in enumerate(inputs):
+        single = runtime.run(x[None], thresholds, max_exit=n - 1)
+        assert single.exits[0] == batch.exits[i]
+        np.testing.assert_allclose(single.probs[0], batch.probs[i], atol=1e-5)
+
+
+def test_max_exit_and_deadline(runtime: ModelRuntime, inputs: np.ndarray) -> None:
+    n = runtime.num_exits
+    never = [2.0] * (n - 1) + [0.0]
+    assert set(runtime.run(inputs, never, max_exit=n - 1).exits.tolist()) == {n - 1}
+    assert set(runtime.run(inputs, never, max_exit=1).exits.tolist()) == {1}
+    past = runtime.run(inputs, never, max_exit=n - 1, deadline_at=time.perf_counter())
+    assert past.deadline_stopped and len(past.stage_seconds) == 1 and set(past.exits.tolist()) == {0}
+    later = runtime.run(inputs, never, max_exit=n - 1, deadline_at=time.perf_counter() + 60)
+    assert not later.deadline_stopped and len(later.stage_seconds) == n
+
+
+def test_stage_clock_follows_slowdowns() -> None:
+    clock = StageClock([(0.001, 0.0001)])
+    base = clock.worst_case(0, 1)
+    for _ in range(200):
+        clock.observe(0, 1, 0.0022)  # twice the fitted 1.1 ms
+    assert clock.per_input_ms()[0] == pytest.approx(2.2, rel=0.01)
+    assert clock.worst_case(0, 1) > base and clock.worst_case(0, 4) > clock.worst_case(0, 1)
+    assert clock.worst_case(0, 1) >= 0.95 * 0.0022  # the tail sits at or above what every call took
+    tail = clock.tail[0]
+    clock.observe(0, 1, 0.02)  # one stall nudges the tail quantile; only frequent stalls move it far
+    assert tail < clock.tail[0] < 1.1 * tail
+
+
+def test_load_point_under_load(runtime: ModelRuntime, inputs: np.ndarray) -> None:
+    served = ServedModel(runtime, Policy(max_accuracy_drop=0), degrade_drop=0.05, metrics=Metrics())
+    calm = orjson.loads(served.predict(Job(inputs, Budget(), False, time.perf_counter(), degraded=False)))
+    loaded = orjson.loads(served.predict(Job(inputs, Budget(), False, time.perf_counter(), degraded=True)))
+    assert calm["budget"]["source"] == "server" and loaded["budget"]["source"] == "load"
+    assert served.load_point.point.expected_macs < served.choice.point.expected_macs
+    own = Job(inputs, Budget(max_accuracy_drop=0), False, time.perf_counter(), degraded=True)
+    assert orjson.loads(served.predict(own))["budget"]["source"] == "request"  # a request's own target wins
+
+
+@pytest.mark.parametrize(
+    ("shape", "batch"),
+    [((1, 28, 28), 1), ((28, 28), 1), ((784,), 1), ((3, 1, 28, 28), 3), ((5, 28, 28), 5), ((2, 784), 2)],
+)
+def test_accepted_input_shapes(manifest: Manifest, shape: tuple[int, ...], batch: int) -> None:
+    x = array_batch(np.zeros(shape).tolist(), manifest.input, max_batch=8)
+    assert x.shape == (batch, 1, 28, 28) and x.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [([[0.0] * 27] * 28, 422), ([True] * 784, 422), ([float("nan")] * 784, 422), ([[0.0] * 784] * 9, 413)],
+)
+def test_rejected_inputs(manifest: Manifest, value: object, status: int) -> None:
+    with pytest.raises(InputError) as e:
+        array_batch(value, manifest.input, max_batch=8)
+    assert e.value.status == status
+
+
+def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRANCHSERVE_MAX_BATCH", "7")
+    monkeypatch.setenv("BRANCHSERVE_PORT", "9001")
+    monkeypatch.setenv("BRANCHSERVE_OPERATING_POINT", '{"max_accuracy_drop": 0.01}')
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--port", "9100", "--operating-point", '{"latency_budget_ms": 0.5}'])
+    settings = Settings(_cli_settings_source=args.settings_source(parsed_args=args))
+    assert settings.max_batch == 7 and settings.port == 9100  # a flag beats the environment
+    assert settings.policy == Policy(latency_budget_ms=0.5)
+    assert Settings().policy == Policy(max_accuracy_drop=0.01)
+    with pytest.raises(ValidationError, match="at most one"):
+        Settings(operating_point='{"point": "a", "thresholds": [1]}')
+    assert (settings.host, Settings().repository) == ("127.0.0.1", Path("models"))
+
+
+def test_server_never_imports_torch() -> None:
+    code = (
+        "import pkgutil, importlib, sys, server, branchserve.cli\n"
+        "for m in pkgutil.iter_modules(server.__path__): importlib.import_module(f'server.{m.name}')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
