@@ -3,11 +3,12 @@
     nice -n 19 python bench/serve_accuracy.py                      # starts `branchserve serve` on models/
     nice -n 19 python bench/serve_accuracy.py --url http://127.0.0.1:8000 --limit 2000
 
-Three passes over the test set, each image sent as a PNG body (converted by the server as the
-manifest says):
+Three passes over the test set, interleaved image by image so they share the host's load, each
+image sent as a PNG body (converted by the server as the manifest says):
   default   the server's default operating point
   full      every input to the final exit (a request budget of max_accuracy_drop = 0)
-  deadline  a deadline of --deadline-fraction × the full pass's median server latency
+  deadline  a deadline of --deadline-fraction × the median server latency of full-depth requests
+            (measured on the first 500 images before the passes)
 Compute is measured two ways: the server's own stage time per request (`compute_ms`) and MACs
 from the exit each input left at. Exits 1 if a criterion fails. Needs no torch.
 """
@@ -34,6 +35,7 @@ FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/
 ACCURACY_TOLERANCE = 0.005  # within 0.5 pp of the final exit
 COMPUTE_RATIO_LIMIT = 0.45  # mean compute at most 0.45× of full depth
 DEADLINE_MET_TARGET = 0.99
+PROBE_IMAGES = 500  # full-depth requests that set the deadline before the measured passes
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -74,30 +76,34 @@ def start_server(repo: Path, port: int) -> subprocess.Popen:
     sys.exit("server did not become ready in 60 s")
 
 
-def run_pass(url: str, model: str, bodies: list[bytes], params: dict[str, str], concurrency: int) -> list[dict]:
-    """POST every body as image/png; returns each response plus the client-side latency."""
+def run_passes(
+    url: str, model: str, bodies: list[bytes], passes: dict[str, dict[str, str]], concurrency: int
+) -> dict[str, list[dict]]:
+    """POST every body as image/png once per pass, the passes interleaved image by image so that all
+    of them see the same load on a shared host; each response gets its client-side latency added."""
 
-    def worker(indices: range) -> list[tuple[int, dict]]:
+    def worker(indices: range) -> list[tuple[int, str, dict]]:
         out = []
         with httpx.Client(base_url=url, timeout=30) as client:
             for i in indices:
-                t0 = time.perf_counter()
-                r = client.post(
-                    f"/v1/models/{model}/predict",
-                    content=bodies[i],
-                    params=params,
-                    headers={"content-type": "image/png"},
-                )
-                client_ms = (time.perf_counter() - t0) * 1e3
-                if r.status_code != 200:
-                    raise SystemExit(f"request {i}: HTTP {r.status_code} {r.text}")
-                out.append((i, {**r.json(), "client_ms": client_ms}))
+                for name, params in passes.items():
+                    t0 = time.perf_counter()
+                    r = client.post(
+                        f"/v1/models/{model}/predict",
+                        content=bodies[i],
+                        params=params,
+                        headers={"content-type": "image/png"},
+                    )
+                    client_ms = (time.perf_counter() - t0) * 1e3
+                    if r.status_code != 200:
+                        raise SystemExit(f"request {i} ({name}): HTTP {r.status_code} {r.text}")
+                    out.append((i, name, {**r.json(), "client_ms": client_ms}))
         return out
 
     chunks = [range(w, len(bodies), concurrency) for w in range(concurrency)]
     with ThreadPoolExecutor(concurrency) as pool:
-        results = [item for part in pool.map(worker, chunks) for item in part]
-    return [r for _, r in sorted(results, key=lambda t: t[0])]
+        results = sorted((item for part in pool.map(worker, chunks) for item in part), key=lambda t: t[0])
+    return {name: [r for _, n, r in results if n == name] for name in passes}
 
 
 def summarise(responses: list[dict], labels: np.ndarray, cumulative_macs: np.ndarray) -> dict:
@@ -152,16 +158,12 @@ def main() -> None:
     try:
         meta = httpx.get(f"{url}/v1/models/{args.model}").raise_for_status().json()
         cumulative_macs = np.array([e["cumulative_macs"] for e in meta["exits"]], dtype=float)
-        default = summarise(run_pass(url, args.model, bodies, {}, args.concurrency), labels, cumulative_macs)
-        full = summarise(
-            run_pass(url, args.model, bodies, {"max_accuracy_drop": "0"}, args.concurrency), labels, cumulative_macs
-        )
-        deadline_ms = round(args.deadline_fraction * full["server_latency_ms"]["p50"], 3)
-        deadline = summarise(
-            run_pass(url, args.model, bodies, {"deadline_ms": str(deadline_ms)}, args.concurrency),
-            labels,
-            cumulative_macs,
-        )
+        full = {"max_accuracy_drop": "0"}
+        probe = run_passes(url, args.model, bodies[:PROBE_IMAGES], {"full": full}, args.concurrency)["full"]
+        deadline_ms = round(args.deadline_fraction * float(np.median([r["latency_ms"] for r in probe])), 3)
+        passes = {"default": {}, "full": full, "deadline": {"deadline_ms": str(deadline_ms)}}
+        responses = run_passes(url, args.model, bodies, passes, args.concurrency)
+        default, full, deadline = (summarise(responses[name], labels, cumulative_macs) for name in passes)
     finally:
         if proc is not None:
             proc.terminate()

@@ -3,8 +3,10 @@
     nice -n 5 python bench/staged_vs_full.py models/fmnist-resnet/1 --repeats 5 --runs 2000
 
 Each repeat opens fresh sessions (one intra-op thread, no spinning, as the server does) and times
-chain and full graph interleaved in one loop at batch 1; the ratio reported is the median over
-repeats of each repeat's median chain time over median full-graph time. Needs no torch.
+chain and full graph interleaved in one loop at batch 1, twice: through IOBindings into buffers
+allocated once (how `calibrate` measures), and through plain `session.run` with numpy in and out.
+The ratio reported is the median over repeats of median chain time over median full-graph time.
+Needs no torch.
 """
 
 from __future__ import annotations
@@ -29,19 +31,24 @@ def main() -> None:
     m = load_version(args.version_dir)
     files = [args.version_dir / s.file for s in m.stages]
     print(f"{m.name}/{m.version} on {describe_host()}, load average {os.getloadavg()[0]:.2f}")
-    ratios = []
-    for r in range(args.repeats):
-        row = measure(files, args.version_dir / m.full_graph.file, m.input.shape, (args.batch_size,), args.runs, False)
-        ratios.append(row[0].chain_ms / row[0].full_graph_ms)
+    for plain in (False, True):
+        how = "session.run, numpy in and out" if plain else "IOBinding, buffers allocated once"
+        ratios = []
+        for r in range(args.repeats):
+            row = measure(
+                files, args.version_dir / m.full_graph.file, m.input.shape, (args.batch_size,), args.runs, False, plain
+            )[0]
+            ratios.append(row.chain_ms / row.full_graph_ms)
+            stages = " + ".join(f"{s:.3f}" for s in row.stage_ms)
+            print(
+                f"{how}, repeat {r}: chain {row.chain_ms:.3f} ms (stages {stages}), "
+                f"full graph {row.full_graph_ms:.3f} ms, ratio {ratios[-1]:.3f}"
+            )
         print(
-            f"repeat {r}: chain {row[0].chain_ms:.3f} ms (stages {' + '.join(f'{s:.3f}' for s in row[0].stage_ms)}), "
-            f"full graph {row[0].full_graph_ms:.3f} ms, ratio {ratios[-1]:.3f}"
+            f"{how}: chain / full at batch {args.batch_size}: median {np.median(ratios):.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.repeats} repeats of {args.runs} runs; "
+            f"load average now {os.getloadavg()[0]:.2f}"
         )
-    print(
-        f"chain / full at batch {args.batch_size}: median {np.median(ratios):.3f} "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.repeats} repeats of {args.runs} runs; "
-        f"load average now {os.getloadavg()[0]:.2f}"
-    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ Each sample pays for every stage up to the exit it leaves at. The threshold sear
 `inspect` use the same cost arithmetic.
 
 Over-fitting guard: thresholds are only ever *proposed* on one seeded half of the validation
-split (A) and only ever *kept* for how they do on the other half (B), where each point must beat
-the next cheaper one by more than a noise margin (0.1 pp by default). Proposals come from a coarse
+split (A) and only ever *kept* for how they do on the other half (B). Proposals come from a coarse
 grid (quantiles of half A's early-exit confidences), and the per-exit search has little freedom:
 a shared threshold moved by −1, 0 or +1 in log-odds at each early exit, not an independent grid
 per exit (which, grid-searched on 5k images in a trial, did worse on test than one shared threshold).
@@ -82,12 +81,11 @@ def score(scores: ExitScores, thresholds: np.ndarray, chunk: int = 256) -> tuple
     return accuracy, fractions
 
 
-def pareto(cost: np.ndarray, accuracy: np.ndarray, min_gain: float = 0.0) -> np.ndarray:
-    """Indices of points no other point beats, cheapest first: each is more accurate than every cheaper
-    one, by more than `min_gain` over the last one kept."""
+def pareto(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats, cheapest first: each is more accurate than every cheaper one."""
     best, keep = -np.inf, []
     for i in np.lexsort((-accuracy, cost)):
-        if accuracy[i] > best + min_gain:
+        if accuracy[i] > best:
             keep.append(i)
             best = accuracy[i]
     return np.asarray(keep, dtype=int)
@@ -121,9 +119,6 @@ class SearchSettings:
     holdout_seed: int = 0
     levels: int = 64
     offsets: tuple[float, ...] = (-1.0, 0.0, 1.0)
-    min_gain: float = 0.001
-    """On half B, a point must beat the last one kept by more than this (0.1 pp: 5 of 5,000 images);
-    smaller steps are noise, and would clutter the frontier with points no budget tells apart."""
 
 
 def search(
@@ -143,7 +138,7 @@ def search(
     accuracy, fractions = score(half_a, rows)
     proposed = pareto(fractions @ cumulative, accuracy)
     accuracy, fractions = score(scores.take(half_b), rows[proposed])
-    kept = proposed[pareto(fractions @ cumulative, accuracy, settings.min_gain)]
+    kept = proposed[pareto(fractions @ cumulative, accuracy)]
     return [(kinds[i], rows[i]) for i in kept], half_b
 
 
