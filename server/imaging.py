@@ -24,7 +24,9 @@ def decode_image(data: bytes) -> Image.Image:
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ImageError("cannot decode image: not a PNG or JPEG file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, ImageError):
             raise
         raise ImageError(f"cannot decode image: {e}") from None
