@@ -16,7 +16,6 @@ from the exit each input left at. Exits 1 if a criterion fails. Needs no torch.
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import os
@@ -31,20 +30,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from training.idx import read_idx
+
 FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ACCURACY_TOLERANCE = 0.005  # within 0.5 pp of the final exit
 COMPUTE_RATIO_LIMIT = 0.45  # mean compute at most 0.45× of full depth
 DEADLINE_MET_TARGET = 0.99
 PROBE_IMAGES = 500  # full-depth requests that set the deadline before the measured passes
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) as a numpy array."""
-    with gzip.open(path) as f:
-        data = f.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def png(image: np.ndarray) -> bytes:

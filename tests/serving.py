@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import socket
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from training.idx import read_idx
 
 FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 READY_TIMEOUT_S = 120
@@ -67,14 +68,6 @@ def running_server(repo: Path, *flags: str, env: dict[str, str] | None = None) -
         proc.terminate()
         proc.wait(timeout=30)
         server.log.unlink(missing_ok=True)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path) as f:
-        data = f.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def sample_images(n: int) -> tuple[np.ndarray, np.ndarray]:

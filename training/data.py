@@ -6,9 +6,7 @@ never used for a choice) stay the same across runs, presets and machines.
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import Tensor
 
 from server.imaging import ImageError, decode_image, image_to_input
 from server.manifest import InputSpec
+from training.idx import DataError, read_idx
 
 FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FMNIST_LABELS = [
@@ -38,10 +37,6 @@ FMNIST_FILES = {
 }
 FMNIST_INPUT = InputSpec(shape=(1, 28, 28), color_mode="L", mean=0.2860, std=0.3530)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-class DataError(RuntimeError):
-    """A dataset that is missing or malformed; the message says what to install or fix."""
 
 
 @dataclass
@@ -67,26 +62,6 @@ class Dataset:
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test)}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse one gzipped IDX file (the MNIST family's format) into an array."""
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: install it with 'apt-get install -y dataset-fashion-mnist' or pass --fmnist-dir"
-        )
-    try:
-        raw = gzip.decompress(path.read_bytes())
-        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError("not an unsigned-byte IDX file")
-        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-        if data.size != int(np.prod(dims)):
-            raise ValueError(f"header says {dims} but holds {data.size} values")
-    except (OSError, EOFError, struct.error, ValueError) as e:
-        raise DataError(f"{path} is corrupt ({e}); reinstall dataset-fashion-mnist") from None
-    return data.reshape(dims)
 
 
 def _normalise(pixels: np.ndarray, spec: InputSpec) -> Tensor:
