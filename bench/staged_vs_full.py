@@ -1,6 +1,6 @@
 """What splitting costs: the chain of stage graphs run to the end against the single full graph.
 
-    nice -n 5 python bench/staged_vs_full.py models/fmnist-resnet/1 --repeats 5 --runs 2000
+    nice -n 5 python bench/staged_vs_full.py models/fmnist-resnet/2 --repeats 5 --runs 2000
 
 Each repeat opens fresh sessions (one intra-op thread, no spinning, as the server does) and times
 chain and full graph interleaved in one loop at batch 1, twice: through IOBindings into buffers

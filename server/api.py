@@ -1,9 +1,15 @@
 """HTTP routes: the /v1 model API, health probes and /metrics.
 
 Predict admits a request only while fewer than `max_in_flight` are in flight (else 503 with
-Retry-After, so overload queues nowhere), reads the body with a size limit, then does all
-CPU work (parsing, decoding, inference, serialising) in one hop to a worker thread, bounded
-by a limiter of `inference_threads`.
+Retry-After, so overload queues nowhere) and reads the body with a size limit. Then all CPU work
+(parsing, decoding, inference, serialising) runs in one go: on the event loop for a small request
+(a body of at most `inline_body_bytes`, an image of at most INLINE_MAX_PIXELS), where a hop to a
+worker thread would cost more CPU than the work itself (0.55 ms against ~0.5 ms, measured on the
+shipped model); otherwise in one hop to a worker thread, bounded by a limiter of
+`inference_threads`, so a large batch or image never stalls the loop.
+
+Predict takes the request itself rather than FastAPI dependencies and a query model: on this
+path they cost ~0.4 ms of CPU per request, as much as the model's first stage.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from functools import partial
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from pydantic import ValidationError
 
 from server.budget import Budget, Policy
 from server.inputs import (
@@ -25,10 +33,12 @@ from server.inputs import (
     MULTIPART_TYPE,
     InputError,
     image_batch,
+    image_upload,
     json_request,
     media_type,
     multipart_file,
     read_body,
+    validation_message,
 )
 from server.metrics import CONTENT_TYPE, Metrics
 from server.predictor import Job, ServedModel
@@ -44,6 +54,7 @@ from server.schemas import (
 from server.settings import Settings
 
 RETRY_AFTER_SECONDS = "1"
+INLINE_MAX_PIXELS = 256 * 256  # decodes in well under a millisecond; a 1024×1024 PNG of 1 KB took 9 ms
 
 
 @dataclass
@@ -84,12 +95,23 @@ class PredictParams(Budget):
     probabilities: bool = False
 
 
+def predict_params(request: Request) -> PredictParams:
+    try:
+        return PredictParams.model_validate(dict(request.query_params))
+    except ValidationError as e:
+        raise InputError(422, validation_message(e, "query")) from None
+
+
 def errors(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
 PREDICT_ERRORS = errors(400, 404, 413, 415, 422, 503)
-PREDICT_BODY = {
+PREDICT_OPENAPI = {
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": schema.get("description", "")}
+        for name, schema in PredictParams.model_json_schema()["properties"].items()
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -104,41 +126,51 @@ PREDICT_BODY = {
                 }
             },
         },
-    }
+    },
 }
-DOC_SCHEMAS = (PredictRequest,)  # referenced by PREDICT_BODY; app.py adds them to the OpenAPI components
+DOC_SCHEMAS = (PredictRequest,)  # referenced by PREDICT_OPENAPI; app.py adds them to the OpenAPI components
 
 router = APIRouter()
 
 
 def answer(
-    model: ServedModel, kind: str, body: bytes, params: PredictParams, started: float, degraded: bool, max_batch: int
+    model: ServedModel,
+    content: bytes | Image.Image,
+    params: PredictParams,
+    started: float,
+    degraded: bool,
+    max_batch: int,
 ) -> bytes:
-    """Worker-thread half of predict: body → inputs → response JSON."""
-    spec = model.manifest.input
-    budget, probabilities = Budget.model_construct(**params.model_dump(exclude={"probabilities"})), params.probabilities
-    if kind in JSON_TYPES:
-        x, body_budget, body_probabilities = json_request(body, spec, max_batch)
-        budget, probabilities = body_budget or budget, body_probabilities or probabilities
+    """The CPU work of predict: a JSON body or an opened image → inputs → response JSON."""
+    budget = Budget.model_construct(**params.model_dump(exclude={"probabilities"}))
+    probabilities = params.probabilities
+    if isinstance(content, Image.Image):
+        x = image_batch(content, model.manifest.input)
     else:
-        x = image_batch(body, spec)
+        x, body_budget, body_probabilities = json_request(content, model.manifest.input, max_batch)
+        budget, probabilities = body_budget or budget, body_probabilities or probabilities
     return model.predict(Job(x, budget, probabilities, started, degraded))
+
+
+def is_small(content: bytes | Image.Image, body_bytes: int, inline_body_bytes: int) -> bool:
+    """Whether answering costs less than a hop to a worker thread, so it may run on the event loop."""
+    pixels = content.width * content.height if isinstance(content, Image.Image) else 0
+    return body_bytes <= inline_body_bytes and pixels <= INLINE_MAX_PIXELS
 
 
 @router.post(
     "/v1/models/{name}/predict",
     response_model=PredictResponse,
     responses=PREDICT_ERRORS,
-    openapi_extra=PREDICT_BODY,
+    openapi_extra=PREDICT_OPENAPI,
     summary="Classify one input or a batch: JSON arrays, a PNG/JPEG body, or a multipart upload in field `file`",
 )
-async def predict(
-    request: Request,
-    model: Annotated[ServedModel, Depends(served_model)],
-    server: Annotated[ServerState, Depends(state)],
-    params: Annotated[PredictParams, Query()],
-) -> Response:
+async def predict(request: Request, name: str) -> Response:
     started = time.perf_counter()
+    server: ServerState = request.app.state.server
+    model = server.models.get(name)
+    if model is None:
+        raise HTTPException(404, f"no model named {name!r}; see GET /v1/models")
     settings, metrics = server.settings, server.metrics
     if server.in_flight >= settings.max_in_flight:
         metrics.requests.labels(model.name, "overloaded").inc()
@@ -146,6 +178,7 @@ async def predict(
     server.in_flight += 1
     metrics.in_flight.inc()
     try:
+        params = predict_params(request)
         kind = media_type(request.headers.get("content-type"))
         if kind not in JSON_TYPES | IMAGE_TYPES | {MULTIPART_TYPE}:
             raise InputError(
@@ -156,9 +189,16 @@ async def predict(
         body = await read_body(request, settings.max_body_bytes)
         if kind == MULTIPART_TYPE:
             body = await multipart_file(request.headers, body)
+        content = body if kind in JSON_TYPES else image_upload(body)
         degraded = server.in_flight > settings.degrade_in_flight
-        job = partial(answer, model, kind, body, params, started, degraded, settings.max_batch)
-        payload = await anyio.to_thread.run_sync(job, limiter=server.limiter)
+        job = partial(answer, model, content, params, started, degraded, settings.max_batch)
+        if is_small(content, len(body), settings.inline_body_bytes):
+            # A body already received never suspends this coroutine: yield once, so requests that
+            # arrived meanwhile are counted in flight (admission, load point) before this one runs.
+            await anyio.sleep(0)
+            payload = job()
+        else:
+            payload = await anyio.to_thread.run_sync(job, limiter=server.limiter)
     except InputError:
         metrics.requests.labels(model.name, "bad_input").inc()
         raise

@@ -16,26 +16,29 @@ class ImageError(ValueError):
     """An image that cannot be decoded or is too large; the message is safe to show a client."""
 
 
-def decode_image(data: bytes) -> Image.Image:
+def open_image(data: bytes) -> Image.Image:
+    """Read an image's header (its pixels are decoded later, by `image_to_input`), refusing one
+    that is not a PNG/JPEG or has more than MAX_IMAGE_PIXELS pixels."""
     if not data:
         raise ImageError("empty image body")
     try:
         img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise ImageError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
-        img.load()
     except UnidentifiedImageError:
         raise ImageError("cannot decode image: not a PNG or JPEG file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, ImageError):
-            raise
         raise ImageError(f"cannot decode image: {e}") from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
     return img
 
 
 def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """Convert colour mode, resize to the input size, scale and normalise; returns (C, H, W) float32."""
     channels, height, width = spec.shape
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot decode image: {e}") from None
     if img.mode in ("RGBA", "LA", "P") and spec.color_mode == "L":
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import orjson
+from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from server.budget import Budget
-from server.imaging import ImageError, decode_image, image_to_input
+from server.imaging import ImageError, image_to_input, open_image
 from server.manifest import InputSpec
 
 # curl -d sends application/x-www-form-urlencoded; this API takes no forms, so such a body is JSON.
@@ -81,10 +82,18 @@ async def multipart_file(headers: Headers, body: bytes) -> bytes:
         await form.close()
 
 
-def image_batch(data: bytes, spec: InputSpec) -> np.ndarray:
+def image_upload(data: bytes) -> Image.Image:
+    """An image body with its header checked (format, size); pixels are decoded by `image_batch`."""
+    try:
+        return open_image(data)
+    except ImageError as e:
+        raise InputError(400, str(e)) from None
+
+
+def image_batch(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """One image → a batch of one input, converted as the manifest says."""
     try:
-        return image_to_input(decode_image(data), spec)[None]
+        return image_to_input(img, spec)[None]
     except ImageError as e:
         raise InputError(400, str(e)) from None
 

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads inside each stage session")
     inference_threads: int = Field(os.cpu_count() or 1, ge=1, description="requests computed at once: one per core")
+    inline_body_bytes: int = Field(
+        16 << 10,
+        ge=0,
+        description="requests with a body up to this size (and images up to 256×256 pixels) are answered on the "
+        "event loop, where a hop to a worker thread would cost more than their work; 0 sends every request to a thread",
+    )
     max_batch: int = Field(256, ge=1, description="most inputs one request may carry")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body")
     max_in_flight: int = Field(64, ge=1, description="requests admitted at once; more get 503 with Retry-After")

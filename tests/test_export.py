@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from branchserve.cli import main
 from server.confidence import confidence, softmax
@@ -31,7 +33,15 @@ from server.profiling import run_chain
 from server.repository import load_version
 from server.sessions import load_session
 from training.data import Dataset
-from training.export import ExportError, MatrixPool, export_run, for_export, next_version, verify_numerics
+from training.export import (
+    ExportError,
+    PooledLinear,
+    export_run,
+    for_export,
+    next_version,
+    route_input_through_pool,
+    verify_numerics,
+)
 from training.model import stage_macs
 from training.train import SUMMARY, evaluate, load_model
 
@@ -259,19 +269,43 @@ def test_versions_count_up_and_confidence_measures_differ(tmp_path: Path) -> Non
     assert conf["margin"][0] == pytest.approx(softmax(logits[0])[0, 0] - softmax(logits[0])[0, 1])
 
 
-@pytest.mark.parametrize(("size", "out"), [((14, 14), 4), ((7, 7), 4), ((7, 5), 2), ((6, 9), 4)])
-def test_matrix_pool_is_adaptive_average_pooling(size: tuple[int, int], out: int) -> None:
+@pytest.mark.parametrize(("size", "out"), [((14, 14), 4), ((7, 7), 4), ((4, 4), 4), ((6, 9), 2)])
+def test_pooled_linear_is_pooling_flatten_and_linear(size: tuple[int, int], out: int) -> None:
     x = torch.randn(3, 5, *size)
-    expected = torch.nn.AdaptiveAvgPool2d(out)(x)
-    assert torch.allclose(MatrixPool(*size, (out, out))(x), expected, atol=1e-6)
+    pool, linear = torch.nn.AdaptiveAvgPool2d(out), torch.nn.Linear(5 * out * out, 7)
+    expected = linear(pool(x).flatten(1))
+    assert torch.allclose(PooledLinear(pool, linear, 5, *size)(x), expected, atol=1e-5)
 
 
-def test_export_copy_swaps_only_pooling_that_does_not_divide(tiny_run: Path, tiny_data: Dataset) -> None:
+def test_export_copy_folds_every_head_and_leaves_the_model_alone(tiny_run: Path, tiny_data: Dataset) -> None:
     model, _ = load_model(tiny_run)
     copy = for_export(model, tiny_data.input)
-    pools = [type(head.net[0]).__name__ for head in copy.heads]  # feature maps 14, 14, 7, 7; grid 2
-    assert pools == ["AdaptiveAvgPool2d", "AdaptiveAvgPool2d", "MatrixPool", "MatrixPool"]
-    assert all(isinstance(head.net[0], torch.nn.AdaptiveAvgPool2d) for head in model.heads)
+    assert [type(head.net[-1]).__name__ for head in copy.heads] == ["PooledLinear"] * len(copy.heads)
+    assert all(isinstance(head.net[-3], torch.nn.AdaptiveAvgPool2d) for head in model.heads)
     with torch.no_grad():
         for a, b in zip(model(tiny_data.val.x[:16]), copy(tiny_data.val.x[:16]), strict=True):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_stage_input_reaches_a_residual_add_through_an_identity_pool() -> None:
+    """x → Conv → Add(·, x): the Add must read x through the 1×1 MaxPool, the Conv x itself."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "x"], ["y"])],
+        "stage",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 4, 4])],
+        [w],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(1).standard_normal((2, 8, 4, 4)).astype(np.float32)
+    before = ort_run(proto, x)
+    routed = route_input_through_pool(proto)
+    onnx.checker.check_model(routed, full_check=True)
+    ops = {node.op_type: list(node.input) for node in routed.graph.node}
+    assert ops["MaxPool"] == ["x"] and ops["Conv"][0] == "x" and ops["Add"] == ["c", "x_blocked"]
+    assert np.array_equal(ort_run(routed, x), before)
+
+
+def ort_run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

@@ -6,6 +6,7 @@ bad-input corpus that must get its 4xx (never a 5xx).
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -495,4 +496,45 @@ def test_overload_sheds_with_retry_after_and_degrades(tiny_repo: Path) -> None:
         ]
         assert overloaded == statuses.count(503)
         assert client.post(path, content=body, headers=JSON).status_code == 200
+        assert "Traceback" not in server.log_text()
+
+
+def test_answers_on_the_event_loop_match_answers_in_a_worker_thread(
+    tiny_repo: Path, client: httpx.Client, predict_path: str, meta: dict, images
+) -> None:
+    """Small requests run on the event loop; `--inline-body-bytes 0` sends every one to a thread."""
+    x = normalise(images[:4], meta)
+    bodies = [(encode(image), PNG) for image in images[:4]] + [(orjson.dumps({"inputs": v.tolist()}), JSON) for v in x]
+    flags = ("--inline-body-bytes", "0", "--log-level", "warning")
+    with running_server(tiny_repo, *flags) as threaded, threaded.client() as other:
+        for body, headers in bodies:
+            inline, hopped = (c.post(predict_path, content=body, headers=headers) for c in (client, other))
+            assert inline.status_code == hopped.status_code == 200
+            assert inline.json()["outputs"] == hopped.json()["outputs"]
+
+
+def test_overload_of_small_requests_is_shed_too(tiny_repo: Path) -> None:
+    """Requests answered on the event loop still count as in flight while others wait for it. The
+    clients send head and body in one write (http.client does), so no body read ever suspends."""
+    with running_server(tiny_repo, "--max-in-flight", "1", "--log-level", "warning") as server:
+        with server.client() as client:
+            path = f"/v1/models/{client.get('/v1/models').json()[0]['name']}/predict"
+            port = httpx.URL(server.url).port
+
+            def calls(_: int) -> list[tuple[int, str | None]]:
+                connection, answers = http.client.HTTPConnection("127.0.0.1", port, timeout=30), []
+                for _ in range(10):
+                    connection.request("POST", path, NOISE_PNG, PNG)
+                    response = connection.getresponse()
+                    response.read()
+                    answers.append((response.status, response.getheader("retry-after")))
+                connection.close()
+                return answers
+
+            with ThreadPoolExecutor(16) as pool:
+                answers = [a for batch in pool.map(calls, range(16)) for a in batch]
+            statuses = [status for status, _ in answers]
+            assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+            assert all(retry == "1" for status, retry in answers if status == 503)
+            assert client.post(path, content=NOISE_PNG, headers=PNG).status_code == 200
         assert "Traceback" not in server.log_text()

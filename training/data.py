@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from server.imaging import ImageError, decode_image, image_to_input
+from server.imaging import ImageError, image_to_input, open_image
 from server.manifest import InputSpec
 from training.idx import DataError, read_idx
 
@@ -114,7 +114,7 @@ def load_image_folder(
             raise DataError(f"{root / name} holds no .png/.jpg/.jpeg images")
         for f in files:
             try:
-                xs.append(image_to_input(decode_image(f.read_bytes()), spec))
+                xs.append(image_to_input(open_image(f.read_bytes()), spec))
             except ImageError as e:
                 raise DataError(f"{f}: {e}") from None
             ys.append(label)

@@ -89,52 +89,60 @@ class AllOutputs(nn.Module):
         return (*logits, *boundaries[:-1])
 
 
-class MatrixPool(nn.Module):
-    """Adaptive average pooling as two constant matrix products, Pₕ · X · Pᵥᵀ: the same numbers.
+def averaging(out: int, size: int) -> Tensor:
+    """Row i averages input positions ⌊i·size/out⌋ … ⌈(i+1)·size/out⌉ − 1, as torch's adaptive pooling does."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -(-(i + 1) * size // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
 
-    Where the output size does not divide the input (14→4 and 7→4 in the exit heads) the exporter
-    lowers adaptive pooling into chains of Gather/Where/Split; in onnxruntime's profile of the
-    7→4 head those took ~500 µs of kernel time per batch-1 run against ~70 µs as two MatMuls.
+
+class PooledLinear(nn.Module):
+    """Adaptive average pooling, flatten and the linear layer after it, as one linear layer on the
+    flattened feature map: pooling is linear, so W' = W · (Pₕ ⊗ Pᵥ) gives the same logits.
+
+    Where the pooling grid does not divide the feature map (14→4 and 7→4 in the exit heads) the
+    exporter lowers adaptive pooling into chains of Gather/Where/Split (~500 µs of kernel time per
+    batch-1 run in the 7→4 head); as two constant MatMuls it still cost ~35 µs, and an identity
+    pool (4→4) still ran as an AveragePool node. One Gemm does all of it.
     """
 
-    def __init__(self, height: int, width: int, out: tuple[int, int]) -> None:
+    def __init__(self, pool: nn.AdaptiveAvgPool2d, linear: nn.Linear, channels: int, height: int, width: int) -> None:
         super().__init__()
-        self.register_buffer("rows", self.averaging(out[0], height))
-        self.register_buffer("cols_t", self.averaging(out[1], width).T.contiguous())
-
-    @staticmethod
-    def averaging(out: int, size: int) -> Tensor:
-        """Row i averages input positions ⌊i·size/out⌋ … ⌈(i+1)·size/out⌉ − 1, as torch's adaptive pooling does."""
-        m = torch.zeros(out, size)
-        for i in range(out):
-            start, end = (i * size) // out, -(-(i + 1) * size // out)
-            m[i, start:end] = 1.0 / (end - start)
-        return m
+        size = pool.output_size
+        out_h, out_w = (size, size) if isinstance(size, int) else size
+        w = linear.weight.detach().reshape(-1, channels, out_h or height, out_w or width)
+        folded = torch.einsum(
+            "ocij,ih,jw->ochw", w, averaging(out_h or height, height), averaging(out_w or width, width)
+        )
+        self.register_buffer("weight", folded.reshape(len(folded), -1).contiguous())
+        self.register_buffer("bias", linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.matmul(torch.matmul(self.rows, x), self.cols_t)
+        return nn.functional.linear(x.flatten(1), self.weight, self.bias)
 
 
 def for_export(model: BranchedNet, spec: InputSpec) -> BranchedNet:
-    """A copy whose exit heads pool with `MatrixPool` wherever the pooling grid does not divide
-    the feature map; the original stays the reference the exported graphs are checked against."""
+    """A copy whose exit heads end in `PooledLinear` instead of pool, flatten and linear; the
+    original stays the reference the exported graphs are checked against."""
     copy = deepcopy(model).eval()
     x = torch.zeros(1, *spec.shape)
     with torch.no_grad():
         for k, head in enumerate(copy.heads):
             x, _ = copy.run_stage(k, x)
-            for i, layer in enumerate(head.net):
-                if isinstance(layer, nn.AdaptiveAvgPool2d):
-                    size = layer.output_size
-                    out = (size, size) if isinstance(size, int) else size
-                    if None not in out and (x.shape[2] % out[0] or x.shape[3] % out[1]):
-                        head.net[i] = MatrixPool(x.shape[2], x.shape[3], out)
+            layers = list(head.net)
+            i = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.AdaptiveAvgPool2d))
+            features = nn.Sequential(*layers[:i])(x)
+            pool, flatten, linear = layers[i : i + 3]
+            if not (isinstance(flatten, nn.Flatten) and isinstance(linear, nn.Linear) and len(layers) == i + 3):
+                raise ExportError(f"exit head {k}: expected pooling, flatten and linear at its end")
+            head.net = nn.Sequential(*layers[:i], PooledLinear(pool, linear, *features.shape[1:]))
     return copy
 
 
 def export_full_graph(model: BranchedNet, spec: InputSpec) -> onnx.ModelProto:
-    """One graph, dynamic batch axis; the dynamo exporter, since TorchScript's cannot export an
-    adaptive pooling whose output size does not divide its input (7×7 → 4×4 in the exit heads)."""
+    """One graph, dynamic batch axis, through torch's dynamo exporter."""
     n = len(model.heads)
     outputs = [logits_name(k) for k in range(n)] + [boundary_name(k) for k in range(n - 1)]
     with warnings.catch_warnings():
@@ -162,8 +170,29 @@ def split_stages(full: onnx.ModelProto, n: int, input_name: str) -> list[onnx.Mo
     for k in range(n):
         inputs = [input_name if k == 0 else boundary_name(k - 1)]
         outputs = ([boundary_name(k)] if k < n - 1 else []) + [logits_name(k)]
-        stages.append(extractor.extract_model(inputs, outputs))
+        stages.append(route_input_through_pool(extractor.extract_model(inputs, outputs)))
     return stages
+
+
+def route_input_through_pool(stage: onnx.ModelProto) -> onnx.ModelProto:
+    """Feed the graph input's non-Conv consumers through a 1×1 MaxPool (an identity).
+
+    onnxruntime computes convolutions in a blocked layout (NCHWc) and re-blocks a graph input only
+    for the Conv nodes reading it; the residual Add of an identity-shortcut block whose input is the
+    stage's input then stays in plain layout, unfused, with the conv output converted back and forth
+    (~11 µs of the 4×4 stage's ~230 µs at batch 1). A pool is re-blocked like a Conv, so the Add
+    fuses into the convolution again, as in the full graph.
+    """
+    graph = stage.graph
+    source = graph.input[0].name
+    consumers = [node for node in graph.node if source in node.input and node.op_type != "Conv"]
+    if not consumers:
+        return stage
+    pooled = f"{source}_blocked"
+    for node in consumers:
+        node.input[:] = [pooled if name == source else name for name in node.input]
+    graph.node.insert(0, onnx.helper.make_node("MaxPool", [source], [pooled], name=pooled, kernel_shape=[1, 1]))
+    return stage
 
 
 def check_graph(proto: onnx.ModelProto, what: str) -> None:
