@@ -241,3 +241,15 @@ def test_bad_paths_and_corrupt_files_give_clear_errors(tmp_path: Path) -> None:
         f"branchserve train: {tmp_path}/train-images-idx3-ubyte.gz not found: "
         "install it with 'apt-get install -y dataset-fashion-mnist' or pass --fmnist-dir"
     ]
+
+
+def test_block_widths_change_channels_not_strides_or_exits() -> None:
+    arch = ArchConfig().with_widths([16, 16, 48, 48, 96, 96, 96, 96])
+    assert [w for w, _ in arch.blocks] == [16, 16, 48, 48, 96, 96, 96, 96]
+    assert [s for _, s in arch.blocks] == [s for _, s in ArchConfig().blocks] and arch.exits == ArchConfig().exits
+    logits = BranchedNet(arch).eval()(torch.zeros(2, 1, 28, 28))
+    assert [tuple(z.shape) for z in logits] == [(2, 10)] * 4
+    assert stage_macs(BranchedNet(arch))[0]["backbone_macs"] < stage_macs(BranchedNet(ArchConfig()))[0]["backbone_macs"]
+    for bad in ([16] * 7, [16, 0, 48, 48, 96, 96, 96, 96]):
+        with pytest.raises(ValueError, match="8 positive block widths"):
+            ArchConfig().with_widths(bad)

@@ -19,7 +19,15 @@ def _train(args: argparse.Namespace) -> None:
         data = load_image_folder(args.data_dir) if args.data_dir else load_fashion_mnist(args.fmnist_dir)
     except (DataError, ValueError) as e:
         sys.exit(f"branchserve train: {e}")
-    summary = train(cfg, data, args.out, resume=args.resume, threads=args.threads, train_limit=args.train_limit)
+    summary = train(
+        cfg,
+        data,
+        args.out,
+        widths=args.widths,
+        resume=args.resume,
+        threads=args.threads,
+        train_limit=args.train_limit,
+    )
     print(json.dumps({k: summary[k] for k in ("val_accuracy", "test_accuracy", "wall_time_s")}))
 
 
@@ -46,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--threads", type=int, help="torch.set_num_threads")
     t.add_argument("--train-limit", type=int, help="train on the first N training images only (quick trials)")
+    t.add_argument(
+        "--widths",
+        type=lambda text: [int(v) for v in text.split(",")],
+        help="channels of each backbone block (default 24,24,48,48,96,96,96,96); multiples of 16 fill "
+        "onnxruntime's blocked layout on AVX-512 CPUs, which computes 24 channels as 32",
+    )
     t.add_argument("--branches", type=int)
     t.add_argument("--positions", type=_positions, help="'equidistant' or block indices, e.g. 1,3,5,7")
     t.add_argument("--weighting", type=_weighting, help="equal|seed|increasing|decreasing or weights, e.g. 1,1,1,2")

@@ -7,7 +7,8 @@ stage k ends at exit k, which is how export splits the graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,12 @@ class ArchConfig:
     exits: tuple[int, ...] = (1, 3, 5, 7)
     head_conv_width: int = 48
     head_pool: int = 4
+
+    def with_widths(self, widths: Sequence[int]) -> ArchConfig:
+        """The same backbone with other block widths (strides unchanged)."""
+        if len(widths) != len(self.blocks) or min(widths) < 1:
+            raise ValueError(f"need {len(self.blocks)} positive block widths, got {list(widths)}")
+        return replace(self, blocks=tuple((w, stride) for w, (_, stride) in zip(widths, self.blocks, strict=True)))
 
 
 def equidistant_positions(num_blocks: int, num_exits: int) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -128,6 +129,7 @@ def train(
     data: Dataset,
     out: Path,
     base_arch: ArchConfig | None = None,
+    widths: Sequence[int] | None = None,
     resume: bool = False,
     threads: int | None = None,
     train_limit: int | None = None,
@@ -140,6 +142,8 @@ def train(
     base = base_arch or ArchConfig(
         in_channels=data.input.shape[0], image_size=data.input.shape[1], num_classes=len(data.labels)
     )
+    if widths:
+        base = base.with_widths(widths)
     arch = arch_for(cfg, base)
     torch.manual_seed(cfg.seed)
     model = BranchedNet(arch).to(memory_format=torch.channels_last)
