@@ -59,11 +59,15 @@ def measure(args: list[str], repository: Path, model: str, bodies: list[bytes], 
         for _ in range(300):
             try:
                 connection.request("GET", "/v2/health/ready")
-                if connection.getresponse().read() and connection.sock:
+                response = connection.getresponse()
+                response.read()
+                if response.status == 200:
                     break
             except OSError:
                 connection.close()
-                time.sleep(0.1)
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"{' '.join(cmd)}: not ready after 30 s")
         path, headers = f"/v1/models/{model}/predict", {"content-type": "image/png"}
 
         def send(i: int) -> None:

@@ -4,14 +4,14 @@
     python bench/serve_accuracy.py --deadline-fractions 0.6,0.7,0.8,0.9
     python bench/serve_accuracy.py --url http://127.0.0.1:8000 --limit 2000
 
-Three passes over the test set, interleaved image by image so they share the host's load, each
+Passes over the test set, interleaved image by image so they share the host's load, each
 image sent as a PNG body (converted by the server as the manifest says):
   default   the server's default operating point
   full      every input to the final exit (a request budget of max_accuracy_drop = 0)
   deadline  one pass per --deadline-fractions value: a deadline of that fraction × the median
-            server latency of full-depth requests,
-            measured first (after a warm-up) on 500 images sent as default and full-depth requests
-            in turn, so the reference sees the same mix of requests (and caches) as the passes
+            server latency of full-depth requests, measured first (after a warm-up) on 500 images
+            sent as default and full-depth requests in turn, so the reference sees the same mix of
+            requests (and caches) as the passes
 Compute is measured two ways: the server's own stage time per request (`compute_ms`) and MACs
 from the exit each input left at. Exits 1 if a criterion fails. Needs no torch.
 """
@@ -168,6 +168,7 @@ def main() -> None:
         passes = {"default": {}, "full": full} | {k: {"deadline_ms": str(ms)} for k, ms in deadlines.items()}
         responses = run_passes(url, args.model, bodies, passes, args.concurrency)
         summaries = {name: summarise(responses[name], labels, cumulative_macs) for name in passes}
+        one_stage = [r["latency_ms"] for r in responses["default"] if r["stages_run"] == 1]
         default, full = summaries["default"], summaries["full"]
     finally:
         if proc is not None:
@@ -182,9 +183,7 @@ def main() -> None:
         "default": default,
         "full": full,
         "full_depth_reference_ms": reference_ms,
-        "first_stage_only_p99_ms": float(
-            np.percentile([r["latency_ms"] for r in responses["default"] if r["stages_run"] == 1], 99)
-        ),
+        "first_stage_only_p99_ms": float(np.percentile(one_stage, 99)) if one_stage else None,
         "deadlines": {name: {"deadline_ms": ms, **summaries[name]} for name, ms in deadlines.items()},
         "accuracy_drop_pp": (full["accuracy"] - default["accuracy"]) * 100,
         "compute_ratio_stage_time": default["mean_compute_ms"] / full["mean_compute_ms"],

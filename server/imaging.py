@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from server.manifest import InputSpec
 
 MAX_IMAGE_PIXELS = 4096 * 4096
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad data
 
 
 class ImageError(ValueError):
@@ -25,7 +26,7 @@ def open_image(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("cannot decode image: not a PNG or JPEG file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise ImageError(f"cannot decode image: {e}") from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise ImageError(f"image of {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
@@ -37,7 +38,7 @@ def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     channels, height, width = spec.shape
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise ImageError(f"cannot decode image: {e}") from None
     if img.mode in ("RGBA", "LA", "P") and spec.color_mode == "L":
         img = img.convert("RGBA")

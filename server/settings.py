@@ -32,8 +32,8 @@ class Settings(BaseSettings):
     inline_body_bytes: int = Field(
         16 << 10,
         ge=0,
-        description="requests with a body up to this size (and images up to 256×256 pixels) are answered on the "
-        "event loop, where a hop to a worker thread would cost more than their work; 0 sends every request to a thread",
+        description="a body up to this size holding one input (or a small image) is answered on the event loop, "
+        "where a hop to a worker thread would cost as much as its work; 0 sends every request to a thread",
     )
     max_batch: int = Field(256, ge=1, description="most inputs one request may carry")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body")

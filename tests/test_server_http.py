@@ -511,6 +511,13 @@ def test_answers_on_the_event_loop_match_answers_in_a_worker_thread(
             inline, hopped = (c.post(predict_path, content=body, headers=headers) for c in (client, other))
             assert inline.status_code == hopped.status_code == 200
             assert inline.json()["outputs"] == hopped.json()["outputs"]
+        # Small bodies that are not small work go to a thread on the default server too.
+        large_image = big_png(512)  # ~1 KB of PNG, 512×512 pixels
+        batch = orjson.dumps({"inputs": np.zeros((3, 784), np.uint8).tolist()})  # three inputs in ~5 KB
+        for body, headers in ((large_image, PNG), (batch, JSON)):
+            inline, hopped = (c.post(predict_path, content=body, headers=headers) for c in (client, other))
+            assert len(body) < 16 << 10 and inline.status_code == hopped.status_code == 200
+            assert inline.json()["outputs"] == hopped.json()["outputs"]
 
 
 def test_overload_of_small_requests_is_shed_too(tiny_repo: Path) -> None:

@@ -132,12 +132,15 @@ def for_export(model: BranchedNet, spec: InputSpec) -> BranchedNet:
         for k, head in enumerate(copy.heads):
             x, _ = copy.run_stage(k, x)
             layers = list(head.net)
-            i = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.AdaptiveAvgPool2d))
-            features = nn.Sequential(*layers[:i])(x)
-            pool, flatten, linear = layers[i : i + 3]
-            if not (isinstance(flatten, nn.Flatten) and isinstance(linear, nn.Linear) and len(layers) == i + 3):
+            pool, flatten, linear = ([None] * 3 + layers)[-3:]
+            if not (
+                isinstance(pool, nn.AdaptiveAvgPool2d)
+                and isinstance(flatten, nn.Flatten)
+                and isinstance(linear, nn.Linear)
+            ):
                 raise ExportError(f"exit head {k}: expected pooling, flatten and linear at its end")
-            head.net = nn.Sequential(*layers[:i], PooledLinear(pool, linear, *features.shape[1:]))
+            features = nn.Sequential(*layers[:-3])(x)
+            head.net = nn.Sequential(*layers[:-3], PooledLinear(pool, linear, *features.shape[1:]))
     return copy
 
 
