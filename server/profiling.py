@@ -7,8 +7,8 @@ alternating which goes first, so a busy neighbour slows both alike.
 
 Graphs are timed through IOBindings into buffers allocated once (`BoundGraphs`): a plain
 `session.run` allocates its outputs and hands them back as new numpy arrays on every call, which
-on the shipped model cost ~35 µs per call at batch 1 — enough to make the four-stage chain
-1.1–1.2× the full graph, against 1.0× bound (bench/staged_vs_full.py shows both).
+on the shipped model cost up to ~35 µs per call at batch 1: the four-stage chain is 1.09× the
+full graph that way against 1.05× bound (bench/staged_vs_full.py shows both).
 """
 
 from __future__ import annotations
