@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from loadtest.runner import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = {
@@ -36,17 +37,6 @@ SERVERS = {
     ],
     "baseline": ["-m", "loadtest.baseline_server", "--model", "{model}"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(args: list[str], repository: Path, model: str, bodies: list[bytes], n: int) -> tuple[float, float]:

@@ -58,7 +58,33 @@ def _median_ms(samples: list[int]) -> float:
     return float(np.median(samples)) / 1e6
 
 
-class BoundGraphs:
+class TimedGraphs:
+    """Times a chain of stage graphs and the full graph; subclasses say how one graph runs."""
+
+    stages: list[ort.InferenceSession]
+
+    def run_stage(self, k: int) -> None:
+        raise NotImplementedError
+
+    def run_full(self) -> None:
+        raise NotImplementedError
+
+    def time_chain(self) -> list[int]:
+        """Run every stage in order; nanoseconds each took."""
+        times = []
+        for k in range(len(self.stages)):
+            t0 = time.perf_counter_ns()
+            self.run_stage(k)
+            times.append(time.perf_counter_ns() - t0)
+        return times
+
+    def time_full(self) -> int:
+        t0 = time.perf_counter_ns()
+        self.run_full()
+        return time.perf_counter_ns() - t0
+
+
+class BoundGraphs(TimedGraphs):
     """The chain of stage graphs and the full graph bound to buffers allocated once for one input
     batch; each stage's boundary output buffer is the next stage's input, so nothing is copied
     between stages. Not thread-safe: one per thread."""
@@ -67,11 +93,10 @@ class BoundGraphs:
         self._keep: list[np.ndarray] = []  # buffers the OrtValues point into
         self.stages, self.full = list(stages), full
         feed = first = self._value(np.ascontiguousarray(x))
-        self.stage_bindings, self.stage_outputs = [], []
+        self.stage_bindings = []
         for session in self.stages:
             binding, outputs = self._bind(session, feed)
             self.stage_bindings.append(binding)
-            self.stage_outputs.append(outputs)
             feed = outputs[0]
         self.full_binding, _ = self._bind(full, first)
 
@@ -88,44 +113,26 @@ class BoundGraphs:
             binding.bind_ortvalue_output(meta.name, value)
         return binding, outputs
 
-    def time_chain(self) -> list[int]:
-        """Run every stage in order; nanoseconds each took."""
-        times = []
-        for session, binding in zip(self.stages, self.stage_bindings, strict=True):
-            t0 = time.perf_counter_ns()
-            session.run_with_iobinding(binding)
-            times.append(time.perf_counter_ns() - t0)
-        return times
+    def run_stage(self, k: int) -> None:
+        self.stages[k].run_with_iobinding(self.stage_bindings[k])
 
-    def time_full(self) -> int:
-        t0 = time.perf_counter_ns()
+    def run_full(self) -> None:
         self.full.run_with_iobinding(self.full_binding)
-        return time.perf_counter_ns() - t0
-
-    def chain_logits(self) -> list[np.ndarray]:
-        """Every exit's logits from the last chain run (the last output of each stage)."""
-        return [outputs[-1].numpy() for outputs in self.stage_outputs]
 
 
-class PlainGraphs:
+class PlainGraphs(TimedGraphs):
     """The same timings through `session.run` with numpy in and out, as the simplest client runs them."""
 
     def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: np.ndarray) -> None:
         self.stages, self.full, self.x = list(stages), full, x
         self.names = [s.get_inputs()[0].name for s in self.stages]
+        self.h = x  # the input of the next stage to run
 
-    def time_chain(self) -> list[int]:
-        times, h = [], self.x
-        for session, name in zip(self.stages, self.names, strict=True):
-            t0 = time.perf_counter_ns()
-            h = session.run(None, {name: h})[0]
-            times.append(time.perf_counter_ns() - t0)
-        return times
+    def run_stage(self, k: int) -> None:
+        self.h = self.stages[k].run(None, {self.names[k]: self.x if k == 0 else self.h})[0]
 
-    def time_full(self) -> int:
-        t0 = time.perf_counter_ns()
+    def run_full(self) -> None:
         self.full.run(None, {self.names[0]: self.x})
-        return time.perf_counter_ns() - t0
 
 
 def measure(
