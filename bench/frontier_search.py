@@ -1,6 +1,6 @@
 """Does the frontier search's over-fitting guard earn its keep? Searches compared on the test set.
 
-    nice -n 19 python bench/frontier_search.py models/fmnist-resnet/2
+    nice -n 19 python bench/frontier_search.py models/fmnist-resnet/3
 
 For each search, the point `export` would make the default (the cheapest whose validation accuracy
 is within --tolerance-pp of the final exit's) is scored on the test set, which no search sees:

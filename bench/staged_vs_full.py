@@ -1,10 +1,11 @@
 """What splitting costs: the chain of stage graphs run to the end against the single full graph.
 
-    nice -n 5 python bench/staged_vs_full.py models/fmnist-resnet/2 --repeats 5 --runs 2000
+    python bench/staged_vs_full.py models/fmnist-resnet/3 --repeats 11 --runs 2000
 
 Each repeat opens fresh sessions (one intra-op thread, no spinning, as the server does) and times
-chain and full graph interleaved in one loop at batch 1, twice: through IOBindings into buffers
-allocated once (how `calibrate` measures), and through plain `session.run` with numpy in and out.
+chain and full graph in one loop at batch 1, taking turns in blocks of runs, twice: through
+IOBindings into buffers allocated once, on onnxruntime's C binding (how `calibrate` measures), and
+through plain `session.run` with numpy in and out.
 The ratio reported is the median over repeats of median chain time over median full-graph time.
 Needs no torch.
 """

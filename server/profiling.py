@@ -2,13 +2,16 @@
 
 Latency is measured with the sessions the server uses (one intra-op thread, no spinning), on
 random inputs: a CNN's cost does not depend on pixel values, so re-measuring on another machine
-needs neither torch nor the dataset. The chain and the full graph are timed in the same loop,
-alternating which goes first, so a busy neighbour slows both alike.
+needs neither torch nor the dataset. The chain and the full graph are timed in the same loop, in
+alternating blocks of `BLOCK` runs, so a busy neighbour slows both alike while each is measured
+warm, as a server running the same graphs request after request sees them. (Alternating every
+run made each graph start with the other's weights evicted from L2: both ran ~10 % slower and the
+chain lost more: 1.058 against 1.051 times the full graph in one process, fmnist-resnet/2.)
 
 Graphs are timed through IOBindings into buffers allocated once (`BoundGraphs`): a plain
 `session.run` allocates its outputs and hands them back as new numpy arrays on every call, which
-on the shipped model cost up to ~35 µs per call at batch 1: the four-stage chain is 1.09× the
-full graph that way against 1.05× bound (bench/staged_vs_full.py shows both).
+costs up to ~35 µs per call at batch 1: the shipped four-stage chain is 1.09× the full graph that
+way against 1.04× bound (bench/staged_vs_full.py shows both).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,16 +28,17 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from server.manifest import CostProfile, StageLatency
-from server.sessions import load_session
+from server.sessions import RUN_OPTIONS, load_session
 
 INTRA_OP_THREADS = 1
+BLOCK = 50
 
 
 def run_chain(stages: Sequence[ort.InferenceSession], x: np.ndarray) -> list[np.ndarray]:
     """Every exit's logits, feeding each stage's boundary tensor to the next stage."""
     logits = []
     for k, session in enumerate(stages):
-        out = session.run(None, {session.get_inputs()[0].name: x})
+        out = session.run(None, {session.get_inputs()[0].name: x}, RUN_OPTIONS)
         if k < len(stages) - 1:
             x = out[0]
         logits.append(out[-1])
@@ -54,7 +58,7 @@ def describe_host() -> str:
     return f"{cpu}; {platform.system()} {platform.release()}; Python {platform.python_version()}"
 
 
-def _median_ms(samples: list[int]) -> float:
+def _median_ms(samples: Sequence[int]) -> float:
     return float(np.median(samples)) / 1e6
 
 
@@ -84,6 +88,19 @@ class TimedGraphs:
         return time.perf_counter_ns() - t0
 
 
+def _binding_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], None]:
+    """One bound run, straight into onnxruntime's C binding (`InferenceSession._sess`).
+
+    The Python wrapper's `run_with_iobinding` first checks for WebGPU graph capture: two more
+    binding calls and, given run options, a config lookup; 3–8 µs per call on this host, three
+    more times in a four-stage chain than in the full graph, and a cost of the wrapper rather than
+    of the graphs. (With `RunOptions` lacking a `gpu_graph_id` entry, onnxruntime 1.32's lookup
+    raises and catches a C++ exception: ~90 µs per call.)
+    """
+    c_session, c_binding = session._sess, binding._iobinding
+    return lambda: c_session.run_with_iobinding(c_binding, RUN_OPTIONS)
+
+
 class BoundGraphs(TimedGraphs):
     """The chain of stage graphs and the full graph bound to buffers allocated once for one input
     batch; each stage's boundary output buffer is the next stage's input, so nothing is copied
@@ -93,12 +110,14 @@ class BoundGraphs(TimedGraphs):
         self._keep: list[np.ndarray] = []  # buffers the OrtValues point into
         self.stages, self.full = list(stages), full
         feed = first = self._value(np.ascontiguousarray(x))
-        self.stage_bindings = []
+        self.stage_calls, self.stage_outputs = [], []
         for session in self.stages:
             binding, outputs = self._bind(session, feed)
-            self.stage_bindings.append(binding)
+            self.stage_calls.append(_binding_call(session, binding))
+            self.stage_outputs.append(outputs)
             feed = outputs[0]
-        self.full_binding, _ = self._bind(full, first)
+        binding, self.full_outputs = self._bind(full, first)
+        self.full_call = _binding_call(full, binding)
 
     def _value(self, array: np.ndarray) -> ort.OrtValue:
         self._keep.append(array)
@@ -108,16 +127,16 @@ class BoundGraphs(TimedGraphs):
         shapes = session.run(None, {session.get_inputs()[0].name: feed.numpy()})
         binding = session.io_binding()
         binding.bind_ortvalue_input(session.get_inputs()[0].name, feed)
-        outputs = [self._value(np.empty_like(a)) for a in shapes]
+        outputs = [self._value(np.full_like(a, np.nan)) for a in shapes]  # NaN until a run writes them
         for meta, value in zip(session.get_outputs(), outputs, strict=True):
             binding.bind_ortvalue_output(meta.name, value)
         return binding, outputs
 
     def run_stage(self, k: int) -> None:
-        self.stages[k].run_with_iobinding(self.stage_bindings[k])
+        self.stage_calls[k]()
 
     def run_full(self) -> None:
-        self.full.run_with_iobinding(self.full_binding)
+        self.full_call()
 
 
 class PlainGraphs(TimedGraphs):
@@ -129,10 +148,10 @@ class PlainGraphs(TimedGraphs):
         self.h = x  # the input of the next stage to run
 
     def run_stage(self, k: int) -> None:
-        self.h = self.stages[k].run(None, {self.names[k]: self.x if k == 0 else self.h})[0]
+        self.h = self.stages[k].run(None, {self.names[k]: self.x if k == 0 else self.h}, RUN_OPTIONS)[0]
 
     def run_full(self) -> None:
-        self.full.run(None, {self.names[0]: self.x})
+        self.full.run(None, {self.names[0]: self.x}, RUN_OPTIONS)
 
 
 def measure(
@@ -147,7 +166,8 @@ def measure(
     """Median latency of each stage, of the chain and of the full graph at each batch size.
 
     Batch 1 gets `runs` timed runs; larger batches proportionally fewer (at least 50), each after
-    a tenth as many warm-up runs. `plain` times `session.run` instead of bound buffers.
+    a tenth as many warm-up runs; chain and full graph take turns in blocks of `BLOCK` runs.
+    `plain` times `session.run` instead of bound buffers.
     """
     stages = [load_session(f, INTRA_OP_THREADS) for f in stage_files]
     full = load_session(full_file, INTRA_OP_THREADS)
@@ -158,25 +178,21 @@ def measure(
     for batch in batch_sizes:
         x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
         graphs = (PlainGraphs if plain else BoundGraphs)(stages, full, x)
-        stage_ns: list[list[int]] = [[] for _ in stages]
-        full_ns = []
-        warmup = counts[batch] // 10
-        for i in range(warmup + counts[batch]):
-            if i % 2:
-                full_time, times = graphs.time_full(), graphs.time_chain()
-            else:
-                times, full_time = graphs.time_chain(), graphs.time_full()
-            if i >= warmup:
-                for k, t in enumerate(times):
-                    stage_ns[k].append(t)
-                full_ns.append(full_time)
-            bar.update(1)
+        chain_ns: list[list[int]] = []
+        full_ns: list[int] = []
+        warmup, total = counts[batch] // 10, counts[batch] + counts[batch] // 10
+        while len(full_ns) < total:
+            n = min(BLOCK, total - len(full_ns))
+            chain_ns += [graphs.time_chain() for _ in range(n)]
+            full_ns += [graphs.time_full() for _ in range(n)]
+            bar.update(n)
+        chain = chain_ns[warmup:]
         rows.append(
             StageLatency(
                 batch_size=batch,
-                stage_ms=[_median_ms(s) for s in stage_ns],
-                chain_ms=_median_ms([sum(t) for t in zip(*stage_ns, strict=True)]),
-                full_graph_ms=_median_ms(full_ns),
+                stage_ms=[_median_ms(s) for s in zip(*chain, strict=True)],
+                chain_ms=_median_ms([sum(t) for t in chain]),
+                full_graph_ms=_median_ms(full_ns[warmup:]),
                 runs=counts[batch],
             )
         )

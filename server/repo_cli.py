@@ -189,11 +189,11 @@ def _ints(text: str) -> list[int]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("calibrate", help="re-measure a model version's stage latency on this host")
-    c.add_argument("version_dir", type=Path, help="e.g. models/fmnist-resnet/2")
+    c.add_argument("version_dir", type=Path, help="e.g. models/fmnist-resnet/3")
     c.add_argument("--batch-sizes", type=_ints, default=[1, 8, 64], help="batch sizes to time (1 is required)")
     c.add_argument("--runs", type=int, default=2000, help="timed runs at batch 1 (fewer for larger batches)")
     c.set_defaults(func=_calibrate)
     i = sub.add_parser("inspect", help="print a model version's exits and frontier, plot the frontier")
-    i.add_argument("version_dir", type=Path, help="e.g. models/fmnist-resnet/2")
+    i.add_argument("version_dir", type=Path, help="e.g. models/fmnist-resnet/3")
     i.add_argument("--plot", type=Path, help="PNG to write (default: ./<name>-<version>-frontier.png)")
     i.set_defaults(func=_inspect)

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from server.confidence import confidence, softmax
 from server.manifest import Manifest, StageSpec
-from server.sessions import load_session
+from server.sessions import RUN_OPTIONS, load_session
 
 CALIBRATION_BATCH = 16
 MEAN_STEP = 0.05  # EWMA weight of one observation in the mean slowdown
@@ -80,7 +80,7 @@ class Stage:
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(exit logits, boundary tensor or None for the last stage)."""
-        out = self.session.run(self.outputs, {self.input_name: x})
+        out = self.session.run(self.outputs, {self.input_name: x}, RUN_OPTIONS)
         return out[0], (out[1] if len(out) > 1 else None)
 
 

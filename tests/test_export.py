@@ -29,7 +29,7 @@ from server.frontier import (
     search,
 )
 from server.manifest import MANIFEST_FILE, Manifest
-from server.profiling import run_chain
+from server.profiling import BoundGraphs, run_chain
 from server.repository import load_version
 from server.sessions import load_session
 from training.data import Dataset
@@ -59,6 +59,22 @@ def manifest(tiny_version: Path) -> Manifest:
 def full_graph_logits(version_dir: Path, m: Manifest, x: np.ndarray) -> list[np.ndarray]:
     session = load_session(version_dir / m.full_graph.file)
     return session.run(m.full_graph.logits_outputs, {m.input.name: x})
+
+
+def test_bound_runs_write_what_the_chain_and_full_graph_compute(version_dir: Path, manifest: Manifest) -> None:
+    """The timed runs go through onnxruntime's C binding: they must do the work, into the bound buffers."""
+    stages = [load_session(version_dir / s.file) for s in manifest.stages]
+    full = load_session(version_dir / manifest.full_graph.file)
+    x = np.random.default_rng(1).standard_normal((3, *manifest.input.shape)).astype(np.float32)
+    graphs = BoundGraphs(stages, full, x)
+    graphs.time_chain()
+    graphs.time_full()
+    expected = run_chain(stages, x)
+    n = len(stages)
+    for k, outputs in enumerate(graphs.stage_outputs):
+        np.testing.assert_allclose(outputs[-1].numpy(), expected[k], atol=1e-5)
+    for k, value in enumerate(graphs.full_outputs[:n]):
+        np.testing.assert_allclose(value.numpy(), expected[k], atol=1e-4)
 
 
 def test_graphs_pass_the_checker_with_a_dynamic_batch_axis(version_dir: Path, manifest: Manifest) -> None:
