@@ -92,7 +92,9 @@ class OperatingPoint(Schema):
 
 class StageLatency(Schema):
     batch_size: int
-    stage_ms: list[float] = Field(description="median latency of each stage graph")
+    stage_ms: list[float] = Field(
+        description="what each stage adds to the median latency of the chain up to its exit; sums to chain_ms"
+    )
     chain_ms: float = Field(description="median latency of all stages chained")
     full_graph_ms: float = Field(description="median latency of the single full graph")
     runs: int | None = Field(None, description="timed runs after warm-up that each median is taken over")

@@ -24,8 +24,9 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
 
 
 RUN_OPTIONS = ort.RunOptions()
-"""Passed to every run (shared by all threads: a run only reads it). Without it onnxruntime builds
-a default one per call: ~1–5 µs per batch-1 stage call here, ~1 % of the four-stage chain."""
+"""Passed to every run. Without it onnxruntime builds a default one per call: ~1–5 µs per batch-1
+stage call here, ~1 % of the four-stage chain. Shared by all threads, since a run only reads it:
+never change it (its `terminate` flag would cancel every run in flight)."""
 
 
 def load_session(path: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
