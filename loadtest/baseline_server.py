@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,12 +23,8 @@ import uvicorn
 from fastapi import Body, FastAPI, HTTPException
 from PIL import Image
 
-
-def latest_version(repository: Path, model: str) -> Path:
-    versions = [p for p in (repository / model).iterdir() if p.name.isdigit()]
-    if not versions:
-        raise SystemExit(f"no versions of {model} in {repository}")
-    return max(versions, key=lambda p: int(p.name))
+from server.manifest import RepositoryError
+from server.repository import latest_version
 
 
 def create_app(version_dir: Path) -> FastAPI:
@@ -82,7 +79,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
-    app = create_app(latest_version(args.repository, args.model))
+    try:
+        version_dir = latest_version(args.repository / args.model)
+    except (RepositoryError, FileNotFoundError) as e:
+        sys.exit(f"baseline_server: {e}")
+    app = create_app(version_dir)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -100,7 +100,7 @@ def predict_params(request: Request) -> PredictParams:
     try:
         return PredictParams.model_validate(dict(request.query_params))
     except ValidationError as e:
-        raise InputError(422, validation_message(e, "query")) from None
+        raise InputError(422, validation_message(e.errors(), "query")) from None
 
 
 def errors(*statuses: int) -> dict[int | str, dict]:

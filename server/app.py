@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from server.api import DOC_SCHEMAS, ServerState, router
-from server.inputs import InputError
+from server.inputs import InputError, validation_message
 from server.metrics import Metrics
 from server.predictor import ServedModel
 from server.repository import load_repository
@@ -47,9 +47,8 @@ async def on_input_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return error(400 if first["type"] == "json_invalid" else 422, f"{where}: {first['msg']}")
+    errors = exc.errors()
+    return error(400 if errors[0]["type"] == "json_invalid" else 422, validation_message(errors))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

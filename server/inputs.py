@@ -8,7 +8,8 @@ status and a message safe to show a client.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -40,8 +41,9 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def validation_message(e: ValidationError, prefix: str = "") -> str:
-    first = e.errors()[0]
+def validation_message(errors: Sequence[Any], prefix: str = "") -> str:
+    """The first of pydantic's (or FastAPI's) validation errors as "where: what"."""
+    first = errors[0]
     where = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
     return f"{where}: {first['msg']}" if where else first["msg"]
 
@@ -151,5 +153,5 @@ def json_request(body: bytes, spec: InputSpec, max_batch: int) -> tuple[np.ndarr
         try:
             budget = Budget.model_validate(doc["budget"])
         except ValidationError as e:
-            raise InputError(422, validation_message(e, "budget")) from None
+            raise InputError(422, validation_message(e.errors(), "budget")) from None
     return array_batch(doc["inputs"], spec, max_batch), budget, probabilities

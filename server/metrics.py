@@ -105,8 +105,15 @@ class Metrics:
             self.exit_answers.labels(name, k)
             self.exit_confidence.labels(name, k)
             self.stage_seconds.labels(name, k)
-        per_model = (self.request_seconds, self.degraded, self.deadline_requests, self.deadline_stops)
-        for m in (*per_model, self.deadline_misses, self.macs, self.full_depth_macs):
+        for m in (
+            self.request_seconds,
+            self.degraded,
+            self.deadline_requests,
+            self.deadline_stops,
+            self.deadline_misses,
+            self.macs,
+            self.full_depth_macs,
+        ):
             m.labels(name)
 
     def set_thresholds(self, name: str, thresholds: tuple[float, ...], saved: float) -> None:

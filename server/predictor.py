@@ -1,7 +1,8 @@
 """A served model: its runtime, the server's operating point for it, and one predict call end to end.
 
-`predict` runs in a worker thread: parse, pick thresholds from the budgets, run, record
-metrics and serialise, so the event loop only moves bytes.
+`predict` takes a parsed request and does the rest in one call: pick thresholds from the budgets,
+run, record metrics and serialise. The API runs it on the event loop for a small request and in
+a worker thread otherwise (server/api.py says when), so it is synchronous and thread-safe.
 """
 
 from __future__ import annotations

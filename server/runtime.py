@@ -1,8 +1,8 @@
 """The stage-by-stage engine: run stage k, score exit k, let confident samples leave, feed the rest on.
 
 A request's inputs run as one batch that shrinks as samples leave, so nobody computes a stage
-they don't need. Everything here is synchronous and thread-safe; the API calls it from worker
-threads so inference never blocks the event loop.
+they don't need. Everything here is synchronous and thread-safe: the API runs small requests on
+the event loop and the rest in worker threads.
 """
 
 from __future__ import annotations
