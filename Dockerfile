@@ -1,6 +1,6 @@
 # branchserve serving image: the server (FastAPI + onnxruntime, no torch) and the shipped model repository.
 #   docker build -t branchserve . && docker run -p 8000:8000 branchserve
-# Settings are BRANCHSERVE_* environment variables (server/settings.py), e.g. -e BRANCHSERVE_MAX_IN_FLIGHT=32.
+# Settings are BRANCHSERVE_* environment variables (branchserve/server/settings.py), e.g. -e BRANCHSERVE_MAX_IN_FLIGHT=32.
 
 # Build stage: install the base dependencies (no train/loadtest extras) into a venv, without pip's cache.
 FROM python:3.11-slim AS build
@@ -9,9 +9,6 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY branchserve branchserve
-COPY server server
-COPY training training
-COPY loadtest loadtest
 RUN /opt/venv/bin/pip install . && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 # Runtime stage: the venv and the models only; sources and build files stay behind.

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from server.frontier import ExitScores, SearchSettings, full_thresholds, pareto, score, search
-from server.repository import load_version
-from server.sessions import load_session
-from training.data import load_fashion_mnist
+from branchserve.repo.frontier import ExitScores, SearchSettings, full_thresholds, pareto, score, search
+from branchserve.repo.loading import load_version
+from branchserve.repo.sessions import load_session
+from branchserve.training.data import load_fashion_mnist
 
 
 def exit_scores(version_dir: Path, split_x: np.ndarray, split_y: np.ndarray, kind: str) -> ExitScores:

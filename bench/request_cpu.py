@@ -3,7 +3,7 @@ with every request hopping to a worker thread (`--inline-body-bytes 0`), and the
 
     python bench/request_cpu.py --repeats 3 --requests 3000
 
-One client sends PNG samples (loadtest/samples) one after another over a keep-alive connection,
+One client sends PNG samples (branchserve/loadtest/samples) one after another over a keep-alive connection,
 so nothing queues and the figure is the request path's own cost. CPU is the server process's
 utime + stime from /proc (the client's CPU is not in it); wall time per request is also printed.
 The servers take turns within each repeat, so a noisy neighbour slows them alike. Needs no torch.
@@ -21,21 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.runner import cpu_seconds, free_port
+from branchserve.loadtest.samples import sample_pngs
+from branchserve.loadtest.servers import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = {
-    "branchserve": ["-m", "branchserve.cli", "serve", "--log-level", "warning"],
+    "branchserve": ["-m", "branchserve", "serve", "--log-level", "warning"],
     "branchserve, always a thread hop": [
         "-m",
-        "branchserve.cli",
+        "branchserve",
         "serve",
         "--log-level",
         "warning",
         "--inline-body-bytes",
         "0",
     ],
-    "baseline": ["-m", "loadtest.baseline_server", "--model", "{model}"],
+    "baseline": ["-m", "branchserve.loadtest.baseline_server", "--model", "{model}"],
 }
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
-    bodies = [p.read_bytes() for p in sorted((ROOT / "loadtest" / "samples").glob("*.png"))]
+    bodies = sample_pngs()
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in SERVERS}
     print(f"load average {os.getloadavg()[0]:.2f}; {args.requests} sequential PNG requests per server and repeat")
     for r in range(args.repeats):

@@ -21,21 +21,20 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from loadtest.runner import free_port
-from training.idx import read_idx
+from branchserve.fmnist import read_split
+from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
 
-FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ACCURACY_TOLERANCE = 0.005  # within 0.5 pp of the final exit
 COMPUTE_RATIO_LIMIT = 0.45  # mean compute at most 0.45× of full depth
 DEADLINE_MET_TARGET = 0.99
@@ -47,23 +46,6 @@ def png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def start_server(repo: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "branchserve.cli", "serve", "--repository", str(repo), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.terminate()
-    sys.exit("server did not become ready in 60 s")
 
 
 def run_passes(
@@ -140,17 +122,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    images = read_idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz")[: args.limit]
-    labels = read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")[: args.limit].astype(np.int64)
+    images, labels = (a[: args.limit] for a in read_split("test"))
     bodies = [png(img) for img in images]
 
-    proc = None
-    url = args.url
-    if url is None:
-        port = free_port()
-        proc = start_server(args.repo, port)
-        url = f"http://127.0.0.1:{port}"
-    try:
+    with ExitStack() as stack:
+        url = args.url
+        if url is None:
+            port = free_port()
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "server.log"
+            url = stack.enter_context(started_server(branchserve_cmd(args.repo, port), port, log)).url
         meta = httpx.get(f"{url}/v1/models/{args.model}").raise_for_status().json()
         cumulative_macs = np.array([e["cumulative_macs"] for e in meta["exits"]], dtype=float)
         full = {"max_accuracy_drop": "0"}
@@ -164,10 +144,6 @@ def main() -> None:
         summaries = {name: summarise(responses[name], labels, cumulative_macs) for name in passes}
         one_stage = [r["latency_ms"] for r in responses["default"] if r["stages_run"] == 1]
         default, full = summaries["default"], summaries["full"]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
 
     figures = {
         "model": f"{meta['name']}/{meta['version']}",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.profiling import describe_host, measure
-from server.repository import load_version
+from branchserve.repo.loading import load_version
+from branchserve.repo.profiling import describe_host, measure
 
 
 def main() -> None:

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for development and run the checks: lint, format, the test suite.
+# Set up a machine for development and run the checks: lint, format, types, the test suite.
+# Installs into ./.venv (made here unless a virtual environment is active). Debian's
+# dataset-fashion-mnist is installed with apt-get when missing: as root, or through sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ -z "${BRANCHSERVE_FMNIST_DIR:-}" ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist
+fi
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 fi
 # torch is pinned to the CPU build this machine holds; a looser spec pulls a multi-GB CUDA build.
-python3 -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
 ruff check .
 ruff format --check .
-python3 -m pytest "$@"
+python -m pytest "$@"

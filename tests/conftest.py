@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from training.data import Dataset, load_fashion_mnist
-from training.export import ExportSettings, export_run
-from training.model import ArchConfig
-from training.regime import RegimeConfig
-from training.train import train
+from branchserve.training.data import Dataset, load_fashion_mnist
+from branchserve.training.export import ExportSettings, export_run
+from branchserve.training.model import ArchConfig
+from branchserve.training.regime import RegimeConfig
+from branchserve.training.train import train
 
 TINY_ARCH = ArchConfig(stem_width=8, blocks=((8, 2), (16, 1), (16, 2), (24, 1)), head_conv_width=0, head_pool=2)
 """Four blocks, an exit after each (the progressive preset's equidistant positions): four stages."""

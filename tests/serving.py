@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from loadtest.runner import free_port
-from training.idx import read_idx
-
-FMNIST_DIR = Path(os.environ.get("BRANCHSERVE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-READY_TIMEOUT_S = 120
+from branchserve.fmnist import read_split
+from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
 
 
 @dataclass
@@ -29,7 +23,7 @@ class Server:
     url: str
     log: Path
 
-    def client(self, **kwargs: object) -> httpx.Client:
+    def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
 
     def log_text(self) -> str:
@@ -40,35 +34,16 @@ class Server:
 def running_server(repo: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """`branchserve serve` in a subprocess, yielded once /v2/health/ready answers 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "branchserve.cli", "serve", "--repository", str(repo), "--port", str(port), *flags]
-    with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Server(f"http://127.0.0.1:{port}", Path(log.name))
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_text()}")
-            try:
-                if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {READY_TIMEOUT_S} s:\n{server.log_text()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        server.log.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        with started_server(branchserve_cmd(repo, port, *flags), port, log, env, timeout_s=120) as server:
+            yield Server(server.url, log)
 
 
 def sample_images(n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first n Fashion-MNIST test images (uint8, (n, 28, 28)) and labels."""
-    images = read_idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz")[:n]
-    labels = read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:n]
-    return images, labels.astype(np.int64)
+    images, labels = read_split("test")
+    return images[:n], labels[:n]
 
 
 def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:

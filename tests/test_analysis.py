@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from server.frontier import NEVER, ExitScores
-from server.manifest import InputSpec
-from training import study as study_module
-from training.analysis import (
+from branchserve.repo.frontier import NEVER, ExitScores
+from branchserve.repo.manifest import InputSpec
+from branchserve.training import study as study_module
+from branchserve.training.analysis import (
     AnalysisSettings,
     class_separation_r2,
     compare_runs,
@@ -21,12 +21,12 @@ from training.analysis import (
     probe_auc,
     relative_change,
 )
-from training.data import Dataset, Split
-from training.model import ArchConfig
-from training.regime import PRESETS, RegimeConfig
-from training.report import write_analysis, write_study
-from training.study import StudySpec, best_within, frontier, parse_grid, run_study
-from training.train import train
+from branchserve.training.data import Dataset, Split
+from branchserve.training.model import ArchConfig
+from branchserve.training.regime import PRESETS, RegimeConfig
+from branchserve.training.report import write_analysis, write_study
+from branchserve.training.study import StudySpec, best_within, frontier, parse_grid, run_study
+from branchserve.training.train import train
 
 TINY = ArchConfig(
     image_size=12,

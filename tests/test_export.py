@@ -16,8 +16,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from branchserve.cli import main
-from server.confidence import confidence, softmax
-from server.frontier import (
+from branchserve.repo.confidence import confidence, softmax
+from branchserve.repo.frontier import (
     NEVER,
     ExitScores,
     SearchSettings,
@@ -28,12 +28,12 @@ from server.frontier import (
     score,
     search,
 )
-from server.manifest import MANIFEST_FILE, Manifest
-from server.profiling import BoundGraphs, run_chain
-from server.repository import load_version
-from server.sessions import load_session
-from training.data import Dataset
-from training.export import (
+from branchserve.repo.loading import load_version
+from branchserve.repo.manifest import MANIFEST_FILE, Manifest
+from branchserve.repo.profiling import BoundGraphs, run_chain
+from branchserve.repo.sessions import load_session
+from branchserve.training.data import Dataset
+from branchserve.training.export import (
     ExportError,
     PooledLinear,
     export_run,
@@ -42,8 +42,8 @@ from training.export import (
     route_input_through_pool,
     verify_numerics,
 )
-from training.model import stage_macs
-from training.train import SUMMARY, evaluate, load_model
+from branchserve.training.model import stage_macs
+from branchserve.training.train import SUMMARY, evaluate, load_model
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_calibrate_reprices_the_frontier_without_torch(tiny_version: Path, tmp_p
     shutil.copytree(tiny_version, version_dir)
     before = load_version(version_dir)
     script = (
-        "import sys; from pathlib import Path; from server.repo_cli import calibrate; "
+        "import sys; from pathlib import Path; from branchserve.repo.cli import calibrate; "
         f"calibrate(Path({str(version_dir)!r}), [1, 2], 60, progress=False); "
         "assert 'torch' not in sys.modules, 'calibrate imported torch'"
     )

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.analysis import Records, best_step, missed_budgets, step_results, summarise
-from loadtest.plan import Budgets, StepSearch, load_plan
-
-LOADTEST_DIR = Path(__file__).parents[1] / "loadtest"
+from branchserve.loadtest.analysis import Records, best_step, missed_budgets, step_results, summarise
+from branchserve.loadtest.plan import Budgets, PlanError, StepSearch, load_plan, shipped_plans
 
 IMPOSSIBLE = """
 compare = false
@@ -30,10 +28,17 @@ min_rps = 1000000
 """
 
 
-@pytest.mark.parametrize("name", ["budgets.toml", "budgets-ci.toml"])
-def test_shipped_budget_files_parse(name: str) -> None:
-    plan = load_plan(LOADTEST_DIR / name)
-    assert plan.budgets.p99_ms is not None
+def test_shipped_plans_parse_by_name_and_a_missing_one_says_which_exist(tmp_path: Path) -> None:
+    assert shipped_plans() == ["ci", "dev"]
+    dev, ci = load_plan("dev"), load_plan("ci")
+    assert dev.step is not None and ci.step is None  # CI's short run has no step search
+    assert dev.budgets.p99_ms == 25 and ci.budgets.p99_ms is not None and ci.budgets.p99_ms > dev.budgets.p99_ms
+    assert ci.load.duration_s < dev.load.duration_s
+    with pytest.raises(PlanError, match="shipped plans: ci, dev"):
+        load_plan(str(tmp_path / "absent.toml"))
+    (tmp_path / "bad.toml").write_text("[load]\nusers = 0\n")
+    with pytest.raises(PlanError, match=r"bad\.toml"):
+        load_plan(str(tmp_path / "bad.toml"))
 
 
 def test_unmet_budgets_fail_the_run_and_say_which(tmp_path: Path, tiny_repo: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from server.manifest import MANIFEST_FILE, RepositoryError, sha256_of
-from server.repository import load_repository
+from branchserve.repo.loading import load_repository
+from branchserve.repo.manifest import MANIFEST_FILE, RepositoryError, sha256_of
 
 
 @pytest.fixture

@@ -283,6 +283,7 @@ def test_metrics_move_and_follow_conventions(client: httpx.Client, predict_path:
     assert 0 < delta("branchserve_compute_macs_total") <= delta("branchserve_full_depth_macs_total")
     assert delta("branchserve_full_depth_macs_total") == 6 * meta["exits"][-1]["cumulative_macs"]
     assert after[("branchserve_in_flight_requests", ())] == 0
+    assert "_created" not in client.get("/metrics").text
     assert 0 <= after[("branchserve_expected_compute_saved_ratio", (("model", model),))] < 1
 
     text = client.get("/metrics").text
@@ -291,7 +292,7 @@ def test_metrics_move_and_follow_conventions(client: httpx.Client, predict_path:
         if family.name.startswith("branchserve_"):
             assert family.type in {"counter", "gauge", "histogram"}
             if family.type == "counter":
-                assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+                assert all(s.name.endswith("_total") for s in family.samples)
             if family.type == "histogram":
                 assert family.name.endswith(("_seconds", "_confidence"))
     if shutil.which("promtool"):  # the Debian `prometheus` package's linter, where installed
@@ -304,8 +305,11 @@ def test_openapi_documents_every_body(client: httpx.Client, predict_path: str) -
     body = schema["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "image/png", "image/jpeg", "multipart/form-data"}
     components = schema["components"]["schemas"]
-    assert components["PredictRequest"]["examples"] and "Budget" in components and "PredictResponse" in components
-    assert client.get("/docs").status_code == 200
+    assert components["PredictBody"]["examples"] and "Budget" in components and "PredictResponse" in components
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "//" not in docs.text.replace("://", "").split("<body>")[0]  # no CDN
+    for asset in ("/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
+        assert asset in docs.text and client.get(asset).status_code == 200
 
 
 def big_png(side: int) -> bytes:

@@ -10,20 +10,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 from pydantic import ValidationError
 
-from server.budget import Budget, Policy, cheapest_meeting, choose, most_accurate_within
-from server.cli import register
-from server.frontier import expected_cost
-from server.inputs import InputError, array_batch
-from server.manifest import Manifest
-from server.metrics import Metrics
-from server.predictor import Job, ServedModel
-from server.repository import load_repository
-from server.runtime import ModelRuntime, StageClock
-from server.settings import Settings
+from branchserve.repo.frontier import expected_cost
+from branchserve.repo.loading import load_repository
+from branchserve.repo.manifest import Manifest
+from branchserve.repo.points import Policy, cheapest_meeting, choose, most_accurate_within
+from branchserve.server.budget import Budget
+from branchserve.server.cli import register
+from branchserve.server.decoding import array_batch
+from branchserve.server.errors import RequestError
+from branchserve.server.metrics import Metrics
+from branchserve.server.predictor import PredictRequest, ServedModel
+from branchserve.server.runtime import ModelRuntime, StageClock
+from branchserve.server.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +121,17 @@ def test_stage_clock_follows_slowdowns() -> None:
 
 def test_load_point_under_load(runtime: ModelRuntime, inputs: np.ndarray) -> None:
     served = ServedModel(runtime, Policy(max_accuracy_drop=0), degrade_drop=0.05, metrics=Metrics())
-    calm = orjson.loads(served.predict(Job(inputs, Budget(), False, time.perf_counter(), degraded=False)))
-    loaded = orjson.loads(served.predict(Job(inputs, Budget(), False, time.perf_counter(), degraded=True)))
-    assert calm["budget"]["source"] == "server" and loaded["budget"]["source"] == "load"
+
+    def request(budget: Budget) -> PredictRequest:
+        return PredictRequest(lambda: inputs, budget, probabilities=False, light=False)
+
+    calm = served.predict(request(Budget()), time.perf_counter(), loaded=False)
+    loaded = served.predict(request(Budget()), time.perf_counter(), loaded=True)
+    assert calm.source == "server" and loaded.source == "load"
+    assert loaded.choice == served.load_point and calm.choice == served.choice
     assert served.load_point.point.expected_macs < served.choice.point.expected_macs
-    own = Job(inputs, Budget(max_accuracy_drop=0), False, time.perf_counter(), degraded=True)
-    assert orjson.loads(served.predict(own))["budget"]["source"] == "request"  # a request's own target wins
+    own = served.predict(request(Budget(max_accuracy_drop=0)), time.perf_counter(), loaded=True)
+    assert own.source == "request"  # a request's own target wins
 
 
 @pytest.mark.parametrize(
@@ -142,7 +148,7 @@ def test_accepted_input_shapes(manifest: Manifest, shape: tuple[int, ...], batch
     [([[0.0] * 27] * 28, 422), ([True] * 784, 422), ([float("nan")] * 784, 422), ([[0.0] * 784] * 9, 413)],
 )
 def test_rejected_inputs(manifest: Manifest, value: object, status: int) -> None:
-    with pytest.raises(InputError) as e:
+    with pytest.raises(RequestError) as e:
         array_batch(value, manifest.input, max_batch=8)
     assert e.value.status == status
 
@@ -163,11 +169,15 @@ def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.host, Settings().repository) == ("127.0.0.1", Path("models"))
 
 
-def test_server_never_imports_torch() -> None:
+def test_contract_server_and_command_never_import_torch() -> None:
+    """Every module of the contract and the server, and the command itself, in a fresh interpreter."""
     code = (
-        "import pkgutil, importlib, sys, server, branchserve.cli\n"
-        "for m in pkgutil.iter_modules(server.__path__): importlib.import_module(f'server.{m.name}')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+        "import pkgutil, importlib, sys, branchserve.repo, branchserve.server, branchserve.cli\n"
+        "for package in (branchserve.repo, branchserve.server):\n"
+        "    for m in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(len(sys.modules), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    count, heavy = out.stdout.split(" ", 1)
+    assert int(count) > 100 and heavy.strip() == "[]"

@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import DataError, Dataset, load_fashion_mnist, load_image_folder, read_idx
-from training.model import ArchConfig, BranchedNet, equidistant_positions, stage_macs
-from training.regime import PRESETS, RegimeConfig, arch_for, loss_weights, phases
-from training.train import exit_losses, make_optimizer, set_trainable, train_epoch
+from branchserve.fmnist import DataError, read_idx
+from branchserve.training.data import Dataset, load_fashion_mnist, load_image_folder
+from branchserve.training.model import ArchConfig, BranchedNet, equidistant_positions, stage_macs
+from branchserve.training.regime import PRESETS, RegimeConfig, arch_for, loss_weights, phases
+from branchserve.training.train import exit_losses, make_optimizer, set_trainable, train_epoch
 
 TINY = ArchConfig(stem_width=4, blocks=((8, 2), (8, 1), (16, 2), (16, 1)), exits=(3,), head_conv_width=8)
 
@@ -239,7 +240,8 @@ def test_bad_paths_and_corrupt_files_give_clear_errors(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert stderr.strip().splitlines() == [
         f"branchserve train: {tmp_path}/train-images-idx3-ubyte.gz not found: "
-        "install it with 'apt-get install -y dataset-fashion-mnist' or pass --fmnist-dir"
+        "install it with 'apt-get install -y dataset-fashion-mnist' "
+        "or point BRANCHSERVE_FMNIST_DIR (or --fmnist-dir) at a folder holding its .gz files"
     ]
 
 

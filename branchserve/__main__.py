@@ -1,0 +1,5 @@
+"""`python -m branchserve` is the `branchserve` command."""
+
+from branchserve.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""Operating points: per-exit confidence thresholds, what they cost and what they are worth.
+
+Each sample pays for every stage up to the exit it leaves at. The threshold search is pure numpy
+(no torch, no dataset): export runs it on validation logits, and the server, `calibrate` and
+`inspect` use the same cost arithmetic.
+
+Over-fitting guard: thresholds are only ever *proposed* on one seeded half of the validation
+split (A) and only ever *kept* for how they do on the other half (B). Proposals come from a coarse
+grid (quantiles of half A's early-exit confidences), and the per-exit search has little freedom:
+a shared threshold moved by −1, 0 or +1 in log-odds at each early exit, not an independent grid
+per exit (which, grid-searched on 5k images in a trial, did worse on test than one shared threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import product
+from typing import Literal
+
+import numpy as np
+
+from branchserve.repo.confidence import confidence, softmax
+from branchserve.repo.manifest import ConfidenceKind, OperatingPoint, StageLatency
+
+NEVER = 2.0
+"""A threshold above every confidence (all measures are in [0, 1]): that exit never answers."""
+
+SearchKind = Literal["shared", "per-exit", "full"]
+
+
+def expected_cost(exit_fractions: Sequence[float], stage_costs: Sequence[float]) -> float:
+    """Σ_k f_k · Σ_{j≤k} c_j, for fractions f leaving at each exit and per-stage costs c (ms or MACs)."""
+    total, cumulative = 0.0, 0.0
+    for fraction, cost in zip(exit_fractions, stage_costs, strict=True):
+        cumulative += cost
+        total += fraction * cumulative
+    return total
+
+
+@dataclass(frozen=True)
+class ExitScores:
+    """Every exit's confidence and correctness on one split, each shaped (exits, samples)."""
+
+    confidence: np.ndarray
+    correct: np.ndarray
+
+    @classmethod
+    def from_logits(
+        cls, logits: Sequence[np.ndarray], labels: np.ndarray, kind: ConfidenceKind = "max_softmax"
+    ) -> ExitScores:
+        probs = [softmax(z.astype(np.float64)) for z in logits]
+        return cls(
+            np.stack([confidence(p, kind) for p in probs]), np.stack([p.argmax(axis=1) == labels for p in probs])
+        )
+
+    def take(self, index: np.ndarray) -> ExitScores:
+        return ExitScores(self.confidence[:, index], self.correct[:, index])
+
+    def __len__(self) -> int:
+        return self.confidence.shape[1]
+
+
+def exits_taken(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(points, samples) index of the exit each sample leaves at: the first whose confidence reaches
+    its threshold; the last exit always answers, whatever its threshold."""
+    reached = conf[None, :-1, :] >= thresholds[:, :-1, None]
+    always = np.ones((len(thresholds), 1, conf.shape[1]), dtype=bool)
+    return np.concatenate([reached, always], axis=1).argmax(axis=1)
+
+
+def score(scores: ExitScores, thresholds: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy (points,) and fraction leaving at each exit (points, exits) of every threshold row."""
+    thresholds = np.atleast_2d(np.asarray(thresholds, dtype=np.float64))
+    n_exits, n = scores.confidence.shape
+    accuracy, fractions = np.empty(len(thresholds)), np.empty((len(thresholds), n_exits))
+    for start in range(0, len(thresholds), chunk):
+        taken = exits_taken(scores.confidence, thresholds[start : start + chunk])
+        accuracy[start : start + chunk] = scores.correct[taken, np.arange(n)].mean(axis=1)
+        fractions[start : start + chunk] = (taken[:, :, None] == np.arange(n_exits)).mean(axis=1)
+    return accuracy, fractions
+
+
+def pareto(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats, cheapest first: each is more accurate than every cheaper one."""
+    best, keep = -np.inf, []
+    for i in np.lexsort((-accuracy, cost)):
+        if accuracy[i] > best:
+            keep.append(i)
+            best = accuracy[i]
+    return np.asarray(keep, dtype=int)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def candidates(conf: np.ndarray, levels: int, offsets: Sequence[float]) -> tuple[np.ndarray, list[SearchKind]]:
+    """Threshold rows to try: a shared threshold at each quantile of the pooled early-exit confidences,
+    and the same thresholds moved at each early exit by every combination of log-odds `offsets`."""
+    n_exits = conf.shape[0]
+    grid = np.unique(np.quantile(conf[:-1].ravel(), np.linspace(0.0, 1.0, levels)))
+    rows, kinds = [], []
+    for shift in product(offsets, repeat=n_exits - 1):
+        if len(set(shift)) == 1 and shift[0]:
+            continue  # the same move at every exit is just another shared threshold
+        kind: SearchKind = "shared" if not any(shift) else "per-exit"
+        early = grid[:, None] if kind == "shared" else 1 / (1 + np.exp(-(_logit(grid)[:, None] + np.array(shift))))
+        rows.append(np.hstack([np.broadcast_to(early, (len(grid), n_exits - 1)), np.zeros((len(grid), 1))]))
+        kinds += [kind] * len(grid)
+    return np.vstack(rows), kinds
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How thresholds are proposed and kept; recorded in the manifest's provenance."""
+
+    holdout_seed: int = 0
+    levels: int = 64
+    offsets: tuple[float, ...] = (-1.0, 0.0, 1.0)
+
+
+def search(
+    scores: ExitScores, stage_macs: Sequence[float], settings: SearchSettings = SearchSettings()
+) -> tuple[list[tuple[SearchKind, np.ndarray]], np.ndarray]:
+    """Frontier thresholds: proposed on validation half A (Pareto there), kept if Pareto on half B.
+
+    Returns (kind, thresholds) rows cheapest first, plus half B's sample indices so the caller can
+    report accuracy on the half no proposal saw. Cost is expected MACs, a property of the model and
+    the same on every host, so the frontier does not move with timing noise.
+    """
+    n = len(scores)
+    order = np.random.default_rng(settings.holdout_seed).permutation(n)
+    half_a, half_b = scores.take(order[: n // 2]), order[n // 2 :]
+    cumulative = np.cumsum(np.asarray(stage_macs, dtype=np.float64))
+    rows, kinds = candidates(half_a.confidence, settings.levels, settings.offsets)
+    accuracy, fractions = score(half_a, rows)
+    proposed = pareto(fractions @ cumulative, accuracy)
+    accuracy, fractions = score(scores.take(half_b), rows[proposed])
+    kept = proposed[pareto(fractions @ cumulative, accuracy)]
+    return [(kinds[i], rows[i]) for i in kept], half_b
+
+
+def full_thresholds(n_exits: int) -> np.ndarray:
+    """The point that never leaves early: every sample runs to the final exit."""
+    return np.array([NEVER] * (n_exits - 1) + [0.0])
+
+
+def cheapest_within(points: Sequence[OperatingPoint], reference: float, tolerance: float) -> OperatingPoint:
+    """The cheapest point (in MACs) whose validation accuracy is at most `tolerance` below `reference`."""
+    eligible = [p for p in points if p.val_accuracy >= reference - tolerance - 1e-12]
+    if not eligible:
+        raise ValueError(f"no operating point within {tolerance} of accuracy {reference}")
+    return min(eligible, key=lambda p: (p.expected_macs, -p.val_accuracy))
+
+
+def priced(point: OperatingPoint, latency: StageLatency) -> OperatingPoint:
+    """The point with its expected latency recomputed from a (new) batch-1 cost profile."""
+    ms = expected_cost(point.exit_fractions, latency.stage_ms)
+    return point.model_copy(update={"expected_latency_ms": ms, "relative_cost": ms / latency.full_graph_ms})

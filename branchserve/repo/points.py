@@ -1,0 +1,104 @@
+"""Budgets → per-exit thresholds: pick an operating point on a manifest's frontier.
+
+The frontier was searched on validation data at export, so every choice here compares
+validation accuracy (test accuracy is for reporting only) and ranks cost by expected MACs,
+except a latency budget, which prices each point with stage latencies measured on this host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from branchserve.repo.frontier import cheapest_within, expected_cost
+from branchserve.repo.manifest import Manifest, OperatingPoint
+
+
+class Policy(BaseModel):
+    """The server's operating point for a model: give at most one field; none means the manifest's default."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"max_accuracy_drop": 0.005}]}
+    )
+
+    point: str | None = Field(None, description="a frontier point by name")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="largest drop below the final exit's accuracy: the cheapest point that meets it"
+    )
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="expected mean latency per input: the most accurate point that fits"
+    )
+    thresholds: list[float] | None = Field(
+        None, description="explicit per-exit thresholds; a sample leaves at exit k when confidence ≥ thresholds[k]"
+    )
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Policy:
+        given = [k for k, v in self.__dict__.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one of point, max_accuracy_drop, latency_budget_ms, thresholds; got {given}"
+            )
+        if self.thresholds is not None and not all(math.isfinite(t) and t >= 0 for t in self.thresholds):
+            raise ValueError("thresholds must be finite and non-negative")
+        return self
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Thresholds in force and where they came from; `point` is None for explicit thresholds."""
+
+    name: str
+    thresholds: tuple[float, ...]
+    point: OperatingPoint | None
+
+    @classmethod
+    def of(cls, point: OperatingPoint) -> Choice:
+        return cls(point.name, tuple(point.thresholds), point)
+
+
+def cheapest_meeting(manifest: Manifest, max_drop: float) -> OperatingPoint:
+    """Cheapest point (expected MACs) whose validation accuracy is at most `max_drop` below the final exit's.
+
+    A drop of 0 means full depth: an early-exit point that ties the final exit on validation
+    (same count of correct samples) is a tie by chance, not a promise of no loss.
+    """
+    full = [p for p in manifest.frontier if p.search == "full"]
+    if max_drop == 0 and full:
+        return full[0]
+    return cheapest_within(manifest.frontier, manifest.exits[-1].val_accuracy, max_drop)
+
+
+def most_accurate_within(manifest: Manifest, budget_ms: float, stage_ms: Sequence[float]) -> OperatingPoint:
+    """Most accurate point whose expected latency per input, priced with `stage_ms`, fits; else the cheapest."""
+
+    def latency(p: OperatingPoint) -> float:
+        return expected_cost(p.exit_fractions, stage_ms)
+
+    fitting = [p for p in manifest.frontier if latency(p) <= budget_ms]
+    if not fitting:
+        return min(manifest.frontier, key=latency)
+    return max(fitting, key=lambda p: (p.val_accuracy, -latency(p)))
+
+
+def choose(manifest: Manifest, policy: Policy, stage_ms: Sequence[float]) -> Choice:
+    """Apply a policy; raises ValueError (safe to show a client) when it does not fit this model."""
+    if policy.thresholds is not None:
+        if len(policy.thresholds) != len(manifest.exits):
+            raise ValueError(
+                f"{manifest.name} has {len(manifest.exits)} exits, got {len(policy.thresholds)} thresholds"
+            )
+        return Choice("custom", tuple(policy.thresholds), None)
+    if policy.max_accuracy_drop is not None:
+        return Choice.of(cheapest_meeting(manifest, policy.max_accuracy_drop))
+    if policy.latency_budget_ms is not None:
+        return Choice.of(most_accurate_within(manifest, policy.latency_budget_ms, stage_ms))
+    name = policy.point or manifest.default_operating_point
+    try:
+        return Choice.of(manifest.operating_point(name))
+    except KeyError:
+        names = ", ".join(p.name for p in manifest.frontier)
+        raise ValueError(f"{manifest.name} has no operating point {name!r}; it has {names}") from None

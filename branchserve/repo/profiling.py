@@ -1,0 +1,231 @@
+"""Run a version's stage graphs as a chain, and measure what each stage costs on this host.
+
+Latency is measured with the sessions the server uses (one intra-op thread, no spinning), on
+random inputs: a CNN's cost does not depend on pixel values, so re-measuring on another machine
+needs neither torch nor the dataset. The chain and the full graph are timed in the same loop, in
+alternating blocks of `BLOCK` runs, so a busy neighbour slows both alike while each is measured
+warm, as a server running the same graphs request after request sees them. (Alternating every
+run made each graph start with the other's weights evicted from L2: both ran ~10 % slower and the
+chain lost more: 1.058 against 1.051 times the full graph in one process, fmnist-resnet/2.)
+
+Graphs are timed through IOBindings into buffers allocated once (`BoundGraphs`): a plain
+`session.run` allocates its outputs and hands them back as new numpy arrays on every call, which
+costs up to ~35 µs per call at batch 1: the shipped four-stage chain is 1.09× the full graph that
+way against 1.04× bound (bench/staged_vs_full.py shows both).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from branchserve.repo.manifest import CostProfile, StageLatency
+from branchserve.repo.sessions import RUN_OPTIONS, load_session
+
+INTRA_OP_THREADS = 1
+BLOCK = 50
+
+
+def run_chain(stages: Sequence[ort.InferenceSession], x: np.ndarray) -> list[np.ndarray]:
+    """Every exit's logits, feeding each stage's boundary tensor to the next stage."""
+    logits = []
+    for k, session in enumerate(stages):
+        out = session.run(None, {session.get_inputs()[0].name: x}, RUN_OPTIONS)
+        if k < len(stages) - 1:
+            x = out[0]
+        logits.append(out[-1])
+    return logits
+
+
+def describe_host() -> str:
+    """CPU model and OS, enough to tell whether two cost profiles are comparable."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; {platform.system()} {platform.release()}; Python {platform.python_version()}"
+
+
+def _median_ms(samples: Sequence[int]) -> float:
+    return float(np.median(samples)) / 1e6
+
+
+class TimedGraphs:
+    """Times a chain of stage graphs and the full graph; subclasses say how one graph runs."""
+
+    stages: list[ort.InferenceSession]
+
+    def run_stage(self, k: int) -> None:
+        raise NotImplementedError
+
+    def run_full(self) -> None:
+        raise NotImplementedError
+
+    def time_chain(self) -> list[int]:
+        """Run every stage in order; nanoseconds each took."""
+        times = []
+        for k in range(len(self.stages)):
+            t0 = time.perf_counter_ns()
+            self.run_stage(k)
+            times.append(time.perf_counter_ns() - t0)
+        return times
+
+    def time_full(self) -> int:
+        t0 = time.perf_counter_ns()
+        self.run_full()
+        return time.perf_counter_ns() - t0
+
+
+def _binding_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], None]:
+    """One bound run, straight into onnxruntime's C binding (`InferenceSession._sess`).
+
+    The Python wrapper's `run_with_iobinding` first checks for WebGPU graph capture: two more
+    binding calls and, given run options, a config lookup; 3–8 µs per call on this host, three
+    more times in a four-stage chain than in the full graph, and a cost of the wrapper rather than
+    of the graphs. (With `RunOptions` lacking a `gpu_graph_id` entry, onnxruntime 1.32's lookup
+    raises and catches a C++ exception: ~90 µs per call.)
+    """
+    c_session, c_binding = session._sess, binding._iobinding
+    return lambda: c_session.run_with_iobinding(c_binding, RUN_OPTIONS)
+
+
+class BoundGraphs(TimedGraphs):
+    """The chain of stage graphs and the full graph bound to buffers allocated once for one input
+    batch; each stage's boundary output buffer is the next stage's input, so nothing is copied
+    between stages. Not thread-safe: one per thread."""
+
+    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: np.ndarray) -> None:
+        self._keep: list[np.ndarray] = []  # buffers the OrtValues point into
+        self.stages, self.full = list(stages), full
+        feed = first = self._value(np.ascontiguousarray(x))
+        self.stage_calls, self.stage_outputs = [], []
+        for session in self.stages:
+            binding, outputs = self._bind(session, feed)
+            self.stage_calls.append(_binding_call(session, binding))
+            self.stage_outputs.append(outputs)
+            feed = outputs[0]
+        binding, self.full_outputs = self._bind(full, first)
+        self.full_call = _binding_call(full, binding)
+
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        self._keep.append(array)
+        return ort.OrtValue.ortvalue_from_numpy(array)
+
+    def _bind(self, session: ort.InferenceSession, feed: ort.OrtValue) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
+        shapes = session.run(None, {session.get_inputs()[0].name: feed.numpy()}, RUN_OPTIONS)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(session.get_inputs()[0].name, feed)
+        outputs = [self._value(np.full_like(a, np.nan)) for a in shapes]  # NaN until a run writes them
+        for meta, value in zip(session.get_outputs(), outputs, strict=True):
+            binding.bind_ortvalue_output(meta.name, value)
+        return binding, outputs
+
+    def run_stage(self, k: int) -> None:
+        self.stage_calls[k]()
+
+    def run_full(self) -> None:
+        self.full_call()
+
+
+class PlainGraphs(TimedGraphs):
+    """The same timings through `session.run` with numpy in and out, as the simplest client runs them."""
+
+    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: np.ndarray) -> None:
+        self.stages, self.full, self.x = list(stages), full, x
+        self.names = [s.get_inputs()[0].name for s in self.stages]
+        self.h = x  # the input of the next stage to run
+
+    def run_stage(self, k: int) -> None:
+        self.h = self.stages[k].run(None, {self.names[k]: self.x if k == 0 else self.h}, RUN_OPTIONS)[0]
+
+    def run_full(self) -> None:
+        self.full.run(None, {self.names[0]: self.x}, RUN_OPTIONS)
+
+
+def measure(
+    stage_files: Sequence[Path],
+    full_file: Path,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 8, 64),
+    runs: int = 2000,
+    progress: bool = True,
+    plain: bool = False,
+) -> list[StageLatency]:
+    """Median latency of each stage, of the chain and of the full graph at each batch size.
+
+    Batch 1 gets `runs` timed runs; larger batches proportionally fewer (at least 50), each after
+    a tenth as many warm-up runs; chain and full graph take turns in blocks of `BLOCK` runs at
+    batch 1 (fewer at larger batches). `plain` times `session.run` instead of bound buffers.
+
+    A stage's figure is what it adds to the median time to reach its exit (the median of the
+    chain's running totals), so the stages add up to the chain's median and price operating points
+    on the same footing as the chain. Each stage's own median would undercount: stage times are
+    skewed to the right, and their medians summed to 0.787 ms against a chain median of 0.816 ms
+    on the shipped model.
+    """
+    stages = [load_session(f, INTRA_OP_THREADS) for f in stage_files]
+    full = load_session(full_file, INTRA_OP_THREADS)
+    counts = {b: max(50, runs // b) for b in batch_sizes}
+    rng = np.random.default_rng(0)
+    bar = tqdm(total=sum(c + c // 10 for c in counts.values()), desc="latency", unit="run", disable=not progress)
+    rows = []
+    for batch in batch_sizes:
+        x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+        graphs = (PlainGraphs if plain else BoundGraphs)(stages, full, x)
+        chain_ns: list[list[int]] = []
+        full_ns: list[int] = []
+        warmup, total = counts[batch] // 10, counts[batch] + counts[batch] // 10
+        block = max(5, BLOCK // batch)  # blocks of similar duration at every batch size
+        while len(full_ns) < total:
+            n = min(block, total - len(full_ns))
+            chain_ns += [graphs.time_chain() for _ in range(n)]
+            full_ns += [graphs.time_full() for _ in range(n)]
+            bar.update(n)
+        reach_ms = np.median(np.cumsum(chain_ns[warmup:], axis=1), axis=0) / 1e6
+        rows.append(
+            StageLatency(
+                batch_size=batch,
+                stage_ms=[float(ms) for ms in np.diff(reach_ms, prepend=0.0)],
+                chain_ms=float(reach_ms[-1]),
+                full_graph_ms=_median_ms(full_ns[warmup:]),
+                runs=counts[batch],
+            )
+        )
+    bar.close()
+    return rows
+
+
+def cost_profile(
+    stage_files: Sequence[Path],
+    full_file: Path,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 8, 64),
+    runs: int = 2000,
+    progress: bool = True,
+) -> CostProfile:
+    if 1 not in batch_sizes:
+        raise ValueError("batch size 1 must be measured: expected latencies of operating points use it")
+    load_before = os.getloadavg()
+    latency = measure(stage_files, full_file, input_shape, batch_sizes, runs, progress)
+    load_after = os.getloadavg()
+    return CostProfile(
+        host=describe_host(),
+        cpu_count=os.cpu_count() or 1,
+        onnxruntime=ort.__version__,
+        intra_op_threads=INTRA_OP_THREADS,
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        load_average=tuple(max(a, b) for a, b in zip(load_before, load_after, strict=True)),
+        latency=latency,
+    )

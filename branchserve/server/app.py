@@ -1,0 +1,106 @@
+"""`create_app`: load and check the repository, build the runtimes, wire routes and error handlers.
+
+Loading happens before the app exists, so a broken repository stops the server with a message
+instead of serving 500s; by the time uvicorn binds, every model is loaded and calibrated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from branchserve.repo.loading import load_repository
+from branchserve.server import docs
+from branchserve.server.admission import Admission
+from branchserve.server.api import DOC_SCHEMAS, ServerState, router
+from branchserve.server.decoding import validation_message
+from branchserve.server.errors import RequestError, error_response
+from branchserve.server.metrics import Metrics
+from branchserve.server.predictor import PredictError, ServedModel
+from branchserve.server.runtime import ModelRuntime
+from branchserve.server.settings import Settings
+
+log = logging.getLogger("branchserve")
+
+DESCRIPTION = """Early-exit inference: each request runs stage by stage and leaves at the first exit
+confident enough for the operating point in force. See docs/serving.md."""
+
+
+async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def on_request_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestError)
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+async def on_predict_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(422, str(exc))
+
+
+async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    return error_response(400 if errors[0]["type"] == "json_invalid" else 422, validation_message(errors))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error")
+
+
+def load_models(settings: Settings, metrics: Metrics) -> dict[str, ServedModel]:
+    models = {}
+    for name, (manifest, version_dir) in load_repository(settings.repository).items():
+        runtime = ModelRuntime(manifest, version_dir, settings.intra_op_threads)
+        models[name] = ServedModel(runtime, settings.policy, settings.degrade_accuracy_drop, metrics)
+        log.info("serving %s/%s from %s (%d exits)", name, manifest.version, version_dir, runtime.num_exits)
+    return models
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    admission = Admission(settings.max_in_flight, settings.degrade_in_flight, metrics)
+    server = ServerState(settings, load_models(settings, metrics), metrics, admission)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.limiter = anyio.CapacityLimiter(settings.inference_threads)
+        yield
+
+    app = FastAPI(
+        title="branchserve", description=DESCRIPTION, version="1", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.server = server
+    app.include_router(router)
+    docs.mount(app)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RequestError, on_request_error)
+    app.add_exception_handler(PredictError, on_predict_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the body schemas that predict documents but does not parse with pydantic."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in DOC_SCHEMAS:
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(doc.pop("$defs", {}))
+                components[model.__name__] = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

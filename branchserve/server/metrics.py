@@ -1,0 +1,142 @@
+"""Prometheus metrics, in base units (seconds) with `_total` counters, on a registry per app.
+
+A registry per app (not the global one) lets tests run several apps in one process. The
+`*_created` series that prometheus-client adds to every counter and histogram are off: they
+doubled the series count and no dashboard reads them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from branchserve.server.runtime import Outcome
+
+REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STAGE_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+OUTCOMES = ("ok", "bad_input", "overloaded")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+disable_created_metrics()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        self.requests = Counter(
+            "branchserve_requests", "Predict requests by model and outcome", ["model", "outcome"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "branchserve_request_duration_seconds",
+            "Server-side latency of answered predict requests",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "branchserve_in_flight_requests", "Predict requests admitted, not yet answered", registry=r
+        )
+        self.degraded = Counter(
+            "branchserve_degraded_requests",
+            "Requests served at the cheaper point used under load",
+            ["model"],
+            registry=r,
+        )
+        self.exit_answers = Counter(
+            "branchserve_exit_answers", "Inputs answered by each exit", ["model", "exit"], registry=r
+        )
+        self.exit_confidence = Histogram(
+            "branchserve_exit_confidence",
+            "Confidence of every input scored at each exit (answered there or not)",
+            ["model", "exit"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "branchserve_stage_duration_seconds",
+            "Wall time of one stage call (one batch)",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.deadline_requests = Counter(
+            "branchserve_deadline_requests", "Requests that carried a deadline", ["model"], registry=r
+        )
+        self.deadline_stops = Counter(
+            "branchserve_deadline_stops",
+            "Requests stopped before a stage to meet their deadline",
+            ["model"],
+            registry=r,
+        )
+        self.deadline_misses = Counter(
+            "branchserve_deadline_misses", "Requests answered after their deadline", ["model"], registry=r
+        )
+        self.threshold = Gauge(
+            "branchserve_exit_threshold",
+            "Server threshold of each exit at the current operating point",
+            ["model", "exit"],
+            registry=r,
+        )
+        self.expected_saved = Gauge(
+            "branchserve_expected_compute_saved_ratio",
+            "1 - expected MACs of the current operating point over full depth (NaN for explicit thresholds)",
+            ["model"],
+            registry=r,
+        )
+        self.macs = Counter("branchserve_compute_macs", "Multiply-accumulates computed", ["model"], registry=r)
+        self.full_depth_macs = Counter(
+            "branchserve_full_depth_macs",
+            "Multiply-accumulates the same inputs would cost at full depth",
+            ["model"],
+            registry=r,
+        )
+
+    def add_model(self, name: str, num_exits: int) -> None:
+        """Create every series of a model at zero, so rates and absences mean something from the start."""
+        for outcome in OUTCOMES:
+            self.requests.labels(name, outcome)
+        for k in map(str, range(num_exits)):
+            self.exit_answers.labels(name, k)
+            self.exit_confidence.labels(name, k)
+            self.stage_seconds.labels(name, k)
+        for m in (
+            self.request_seconds,
+            self.degraded,
+            self.deadline_requests,
+            self.deadline_stops,
+            self.deadline_misses,
+            self.macs,
+            self.full_depth_macs,
+        ):
+            m.labels(name)
+
+    def set_thresholds(self, name: str, thresholds: tuple[float, ...], saved: float) -> None:
+        for k, t in enumerate(thresholds):
+            self.threshold.labels(name, str(k)).set(t)
+        self.expected_saved.labels(name).set(saved)
+
+    def observe_run(self, name: str, outcome: Outcome, macs: float, full_macs: float) -> None:
+        for k, (seconds, scored) in enumerate(zip(outcome.stage_seconds, outcome.scored, strict=True)):
+            self.stage_seconds.labels(name, str(k)).observe(seconds)
+            hist = self.exit_confidence.labels(name, str(k))
+            for c in scored.tolist():
+                hist.observe(c)
+        for k, count in enumerate(np.bincount(outcome.exits).tolist()):
+            if count:
+                self.exit_answers.labels(name, str(k)).inc(count)
+        self.macs.labels(name).inc(macs)
+        self.full_depth_macs.labels(name).inc(full_macs)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

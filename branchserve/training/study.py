@@ -1,0 +1,263 @@
+"""Regime study: train one model per cell of a grid over regime knobs and score every cell alike.
+
+Every cell shares the base regime (preset, epoch budget, seed) and differs only in its grid values.
+A cell is scored by per-exit test accuracy, the area under its probe-accuracy curve, and the test
+accuracy of early exiting at a fixed expected cost. Cells live in their own run folders, so an
+interrupted study resumes mid-cell and a finished cell (score.json present) is never retrained.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from branchserve.repo.frontier import ExitScores, expected_cost, full_thresholds, score, search
+from branchserve.training.analysis import AnalysisSettings, ModelAnalysis, analyze_model, probe_subset
+from branchserve.training.data import Dataset, Split
+from branchserve.training.model import ArchConfig, BranchedNet
+from branchserve.training.regime import PRESETS, RegimeConfig
+from branchserve.training.train import load_model, train
+
+SPEC = "spec.json"
+SCORE = "score.json"
+RESULTS = "results.json"
+LOG_VAL = 2000
+"""Validation images a cell's per-epoch log is scored on: the log steers nothing, and scoring the full
+split after every epoch would cost a study about a third of its time. Scoring a cell uses all of it."""
+
+GridValue = str | int | float | list[int] | list[float]
+
+
+class StudySpec(BaseModel):
+    """Everything that decides a study's numbers; a rerun into the same folder must match it."""
+
+    grid: dict[str, list[GridValue]]
+    preset: str = "progressive"
+    epochs: int = Field(6, ge=1)
+    seed: int = 0
+    train_limit: int | None = Field(None, ge=1)
+    cost_budget: float = Field(0.5, gt=0, description="expected-cost budget as a share of the unbranched model's MACs")
+    analysis: AnalysisSettings = AnalysisSettings(probe_train=2500, probe_test=2500)
+
+    def cells(self) -> list[dict[str, GridValue]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+
+    def command(self, out: Path) -> str:
+        """The `branchserve study` command line that reproduces this study."""
+        grid = " ".join(f"{k}={','.join(_show(v, ':') for v in vs)}" for k, vs in self.grid.items())
+        a = self.analysis
+        return (
+            f"branchserve study --grid {grid} --preset {self.preset} --epochs {self.epochs} --seed {self.seed}"
+            + (f" --train-limit {self.train_limit}" if self.train_limit else "")
+            + f" --cost-budget {self.cost_budget:g} --probe-train {a.probe_train} --probe-test {a.probe_test}"
+            + (f" --pool {a.pool}" if a.pool != 1 else "")
+            + f" --out {out}"
+        )
+
+    def config(self, cell: dict[str, GridValue]) -> RegimeConfig:
+        return RegimeConfig(**{**PRESETS[self.preset], "epochs": self.epochs, "seed": self.seed, **cell})
+
+
+class FrontierPoint(BaseModel):
+    """One operating point; costs are expected MACs per image as a share of the unbranched model's."""
+
+    thresholds: list[float]
+    val_cost: float
+    val_accuracy: float
+    cost: float
+    accuracy: float
+    exit_fractions: list[float] = Field(description="share of test images leaving at each exit")
+
+
+class CellResult(BaseModel):
+    name: str
+    cell: dict[str, GridValue]
+    config: dict[str, Any]
+    test_accuracy: list[float]
+    final_accuracy: float
+    probe_auc: float
+    analysis: ModelAnalysis
+    at_budget: FrontierPoint | None = Field(description="most accurate point on validation within the cost budget")
+    frontier: list[FrontierPoint]
+    wall_time_s: float
+
+
+def parse_grid(items: list[str]) -> dict[str, list[GridValue]]:
+    """`key=v1,v2` per axis; a list value (positions, weights) joins its numbers with ':', e.g. 1:3:5:7."""
+    grid: dict[str, list[GridValue]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.replace("-", "_")
+        if not sep or not values:
+            raise ValueError(f"grid axis {item!r} is not key=value[,value...]")
+        if key not in RegimeConfig.model_fields:
+            raise ValueError(f"{key!r} is not a regime field; choose from {', '.join(RegimeConfig.model_fields)}")
+        grid[key] = [_value(v) for v in values.split(",")]
+    if not grid:
+        raise ValueError("the grid is empty")
+    return grid
+
+
+def _value(text: str) -> GridValue:
+    if ":" in text:
+        numbers = [float(v) for v in text.split(":")]
+        return [int(v) for v in numbers] if all(v.is_integer() for v in numbers) else numbers
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cell_name(cell: dict[str, GridValue]) -> str:
+    """A folder-safe name: weighting-equal_schedule-joint."""
+    return "_".join(f"{k}-{_show(v, '-')}" for k, v in cell.items())
+
+
+def _show(v: GridValue, sep: str) -> str:
+    return sep.join(f"{x:g}" for x in v) if isinstance(v, list) else str(v)
+
+
+@torch.no_grad()
+def exit_scores(model: BranchedNet, split: Split, batch_size: int = 1000) -> ExitScores:
+    model.eval()
+    logits = [model(split.x[i : i + batch_size]) for i in range(0, len(split), batch_size)]
+    return ExitScores.from_logits([torch.cat(z).numpy() for z in zip(*logits, strict=True)], split.y.numpy())
+
+
+def frontier(val: ExitScores, test: ExitScores, stage_costs: list[float], reference: float) -> list[FrontierPoint]:
+    """The early-exit frontier export would serve: thresholds searched on validation by
+    `server.frontier.search`, plus the full-depth point, each scored on validation and on test."""
+    n_exits = val.confidence.shape[0]
+    found = search(val, stage_costs)[0] if n_exits > 1 else []
+    rows = np.stack([*(t for _, t in found), full_thresholds(n_exits)])
+    val_acc, val_frac = score(val, rows)
+    test_acc, test_frac = score(test, rows)
+    points = [
+        FrontierPoint(
+            thresholds=rows[i].tolist(),
+            val_cost=expected_cost(val_frac[i], stage_costs) / reference,
+            val_accuracy=float(val_acc[i]),
+            cost=expected_cost(test_frac[i], stage_costs) / reference,
+            accuracy=float(test_acc[i]),
+            exit_fractions=test_frac[i].tolist(),
+        )
+        for i in range(len(rows))
+    ]
+    return sorted(points, key=lambda p: p.val_cost)
+
+
+def best_within(points: list[FrontierPoint], budget: float) -> FrontierPoint | None:
+    """The point most accurate on validation whose validation cost fits the budget; test never chooses."""
+    fits = [p for p in points if p.val_cost <= budget]
+    return max(fits, key=lambda p: (p.val_accuracy, -p.val_cost)) if fits else None
+
+
+def score_cell(
+    name: str,
+    cell: dict[str, GridValue],
+    model: BranchedNet,
+    summary: dict[str, Any],
+    data: Dataset,
+    spec: StudySpec,
+    progress: bool = True,
+) -> CellResult:
+    """Probe the cell's blocks and search its early-exit frontier on validation, then score on test."""
+    analysis, _ = analyze_model(
+        model, probe_subset(data.val, spec.analysis), spec.analysis, name, summary["test_accuracy"], progress
+    )
+    macs = summary["stage_macs"]
+    stage_costs = [float(s["backbone_macs"] + s["head_macs"]) for s in macs]
+    reference = float(sum(s["backbone_macs"] for s in macs) + macs[-1]["head_macs"])
+    points = frontier(exit_scores(model, data.val), exit_scores(model, data.test), stage_costs, reference)
+    return CellResult(
+        name=name,
+        cell=cell,
+        config=summary["config"],
+        test_accuracy=summary["test_accuracy"],
+        final_accuracy=summary["test_accuracy"][-1],
+        probe_auc=analysis.probe_auc,
+        analysis=analysis,
+        at_budget=best_within(points, spec.cost_budget),
+        frontier=points,
+        wall_time_s=summary["wall_time_s"],
+    )
+
+
+def check_spec(out: Path, spec: StudySpec) -> None:
+    """A folder holds one study: only the grid may grow between runs (new cells are added)."""
+    path = out / SPEC
+    if path.is_file():
+        old = StudySpec.model_validate_json(path.read_text())
+        if old.model_dump(exclude={"grid"}) != spec.model_dump(exclude={"grid"}):
+            raise ValueError(f"{out} holds a study with other settings ({path}); use a new --out")
+    path.write_text(spec.model_dump_json(indent=2) + "\n")
+
+
+def rank(results: list[CellResult]) -> list[CellResult]:
+    """Best accuracy at the cost budget first; final-exit accuracy breaks ties and ranks cells with no fit."""
+    return sorted(
+        results,
+        key=lambda r: (r.at_budget is not None, r.at_budget.accuracy if r.at_budget else 0, r.final_accuracy),
+        reverse=True,
+    )
+
+
+def run_study(
+    spec: StudySpec,
+    data: Dataset,
+    out: Path,
+    base_arch: ArchConfig | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    after_cell: Callable[[list[CellResult]], None] | None = None,
+) -> list[CellResult]:
+    """Train and score every unfinished cell, then return all cells ranked (also written to results.json).
+
+    `after_cell` receives the ranked cells finished so far after each newly scored cell, so a long
+    study shows partial results while it runs.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    check_spec(out, spec)
+    cells = spec.cells()
+    configs = [spec.config(c) for c in cells]  # validate every cell before spending time on any
+    results = []
+    for cell, cfg in tqdm(list(zip(cells, configs, strict=True)), desc="study", unit="cell", disable=not progress):
+        name = cell_name(cell)
+        cell_dir = out / "cells" / name
+        score_path = cell_dir / SCORE
+        if score_path.is_file():
+            done = CellResult.model_validate_json(score_path.read_text())
+            if done.config == cfg.model_dump():
+                results.append(done)
+                continue
+        summary = train(
+            cfg,
+            replace(data, val=data.val.head(LOG_VAL)),
+            cell_dir,
+            base_arch,
+            resume=True,
+            threads=threads,
+            train_limit=spec.train_limit,
+            progress=progress,
+        )
+        model, _ = load_model(cell_dir)
+        result = score_cell(name, cell, model, summary, data, spec, progress)
+        score_path.write_text(result.model_dump_json(indent=2) + "\n")
+        results.append(result)
+        if after_cell:
+            after_cell(rank(results))
+    ranked = rank(results)
+    (out / RESULTS).write_text(json.dumps([r.model_dump() for r in ranked], indent=2) + "\n")
+    return ranked
