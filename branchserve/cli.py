@@ -21,7 +21,14 @@ COMMANDS = (
     server_cli.register,
     loadtest_cli.register,
 )
-EXTRAS = {"torch": "train", "onnx": "train", "onnxscript": "train", "locust": "loadtest", "httpx": "loadtest"}
+EXTRAS = {
+    "torch": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "matplotlib": "train",  # analyze and study plot; inspect handles its absence itself
+    "locust": "loadtest",
+    "httpx": "loadtest",
+}
 TORCH_PIN = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
 
 
