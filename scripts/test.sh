@@ -16,4 +16,5 @@ fi
 python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
 ruff check .
 ruff format --check .
+mypy  # strict, on the files pyproject.toml's [tool.mypy] lists
 python -m pytest "$@"

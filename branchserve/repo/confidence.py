@@ -6,41 +6,53 @@ same number in both places. Every measure is in [0, 1], higher is surer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from branchserve.repo.manifest import ConfidenceKind
+from branchserve.repo.tensors import Float64Array, FloatT
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+def softmax(logits: npt.NDArray[FloatT]) -> npt.NDArray[FloatT]:
+    z: npt.NDArray[FloatT] = logits - logits.max(axis=1, keepdims=True)
+    e: npt.NDArray[FloatT] = np.exp(z)
+    p: npt.NDArray[FloatT] = e / e.sum(axis=1, keepdims=True)
+    return p
 
 
-def max_softmax(p: np.ndarray) -> np.ndarray:
-    return p.max(axis=1)
+def max_softmax(p: npt.NDArray[FloatT]) -> npt.NDArray[FloatT]:
+    top: npt.NDArray[FloatT] = p.max(axis=1)
+    return top
 
 
-def entropy(p: np.ndarray) -> np.ndarray:
-    """One minus the entropy normalised by its maximum, log(classes)."""
-    h = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
-    return 1.0 - h / np.log(p.shape[1])
+def entropy(p: npt.NDArray[FloatT]) -> npt.NDArray[FloatT] | Float64Array:
+    """One minus the entropy normalised by its maximum, log(classes). float64 for a float32 `p`:
+    numpy's log(classes) is a float64 scalar, which promotes the array."""
+    h: npt.NDArray[FloatT] = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
+    score: npt.NDArray[FloatT] | Float64Array = 1.0 - h / np.log(p.shape[1])
+    return score
 
 
-def margin(p: np.ndarray) -> np.ndarray:
+def margin(p: npt.NDArray[FloatT]) -> npt.NDArray[FloatT]:
     """Top probability minus the runner-up."""
     top2 = np.partition(p, -2, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
 
 
-MEASURES: dict[ConfidenceKind, Callable[[np.ndarray], np.ndarray]] = {
+class Measure(Protocol):
+    """(samples, classes) probabilities → (samples,) confidences."""
+
+    def __call__(self, p: npt.NDArray[FloatT], /) -> npt.NDArray[FloatT] | Float64Array: ...
+
+
+MEASURES: dict[ConfidenceKind, Measure] = {
     "max_softmax": max_softmax,
     "entropy": entropy,
     "margin": margin,
 }
 
 
-def confidence(probs: np.ndarray, kind: ConfidenceKind = "max_softmax") -> np.ndarray:
+def confidence(probs: npt.NDArray[FloatT], kind: ConfidenceKind = "max_softmax") -> npt.NDArray[FloatT] | Float64Array:
     return MEASURES[kind](probs)

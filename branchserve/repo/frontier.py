@@ -19,9 +19,11 @@ from itertools import product
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from branchserve.repo.confidence import confidence, softmax
 from branchserve.repo.manifest import ConfidenceKind, OperatingPoint, StageLatency
+from branchserve.repo.tensors import BoolArray, Float64Array, FloatArray, IntArray
 
 NEVER = 2.0
 """A threshold above every confidence (all measures are in [0, 1]): that exit never answers."""
@@ -42,34 +44,36 @@ def expected_cost(exit_fractions: Sequence[float], stage_costs: Sequence[float])
 class ExitScores:
     """Every exit's confidence and correctness on one split, each shaped (exits, samples)."""
 
-    confidence: np.ndarray
-    correct: np.ndarray
+    confidence: Float64Array
+    correct: BoolArray
 
     @classmethod
     def from_logits(
-        cls, logits: Sequence[np.ndarray], labels: np.ndarray, kind: ConfidenceKind = "max_softmax"
+        cls, logits: Sequence[FloatArray], labels: IntArray, kind: ConfidenceKind = "max_softmax"
     ) -> ExitScores:
         probs = [softmax(z.astype(np.float64)) for z in logits]
         return cls(
             np.stack([confidence(p, kind) for p in probs]), np.stack([p.argmax(axis=1) == labels for p in probs])
         )
 
-    def take(self, index: np.ndarray) -> ExitScores:
+    def take(self, index: IntArray) -> ExitScores:
         return ExitScores(self.confidence[:, index], self.correct[:, index])
 
     def __len__(self) -> int:
-        return self.confidence.shape[1]
+        samples: int = self.confidence.shape[1]
+        return samples
 
 
-def exits_taken(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def exits_taken(conf: Float64Array, thresholds: Float64Array) -> IntArray:
     """(points, samples) index of the exit each sample leaves at: the first whose confidence reaches
     its threshold; the last exit always answers, whatever its threshold."""
     reached = conf[None, :-1, :] >= thresholds[:, :-1, None]
     always = np.ones((len(thresholds), 1, conf.shape[1]), dtype=bool)
-    return np.concatenate([reached, always], axis=1).argmax(axis=1)
+    taken: IntArray = np.concatenate([reached, always], axis=1).argmax(axis=1)
+    return taken
 
 
-def score(scores: ExitScores, thresholds: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def score(scores: ExitScores, thresholds: npt.ArrayLike, chunk: int = 256) -> tuple[Float64Array, Float64Array]:
     """Accuracy (points,) and fraction leaving at each exit (points, exits) of every threshold row."""
     thresholds = np.atleast_2d(np.asarray(thresholds, dtype=np.float64))
     n_exits, n = scores.confidence.shape
@@ -81,7 +85,7 @@ def score(scores: ExitScores, thresholds: np.ndarray, chunk: int = 256) -> tuple
     return accuracy, fractions
 
 
-def pareto(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+def pareto(cost: Float64Array, accuracy: Float64Array) -> IntArray:
     """Indices of the points no other point beats, cheapest first: each is more accurate than every cheaper one."""
     best, keep = -np.inf, []
     for i in np.lexsort((-accuracy, cost)):
@@ -91,12 +95,13 @@ def pareto(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return np.asarray(keep, dtype=int)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def _logit(p: Float64Array) -> Float64Array:
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
+    logit: Float64Array = np.log(p) - np.log1p(-p)
+    return logit
 
 
-def candidates(conf: np.ndarray, levels: int, offsets: Sequence[float]) -> tuple[np.ndarray, list[SearchKind]]:
+def candidates(conf: Float64Array, levels: int, offsets: Sequence[float]) -> tuple[Float64Array, list[SearchKind]]:
     """Threshold rows to try: a shared threshold at each quantile of the pooled early-exit confidences,
     and the same thresholds moved at each early exit by every combination of log-odds `offsets`."""
     n_exits = conf.shape[0]
@@ -123,7 +128,7 @@ class SearchSettings:
 
 def search(
     scores: ExitScores, stage_macs: Sequence[float], settings: SearchSettings = SearchSettings()
-) -> tuple[list[tuple[SearchKind, np.ndarray]], np.ndarray]:
+) -> tuple[list[tuple[SearchKind, Float64Array]], IntArray]:
     """Frontier thresholds: proposed on validation half A (Pareto there), kept if Pareto on half B.
 
     Returns (kind, thresholds) rows cheapest first, plus half B's sample indices so the caller can
@@ -142,7 +147,7 @@ def search(
     return [(kinds[i], rows[i]) for i in kept], half_b
 
 
-def full_thresholds(n_exits: int) -> np.ndarray:
+def full_thresholds(n_exits: int) -> Float64Array:
     """The point that never leaves early: every sample runs to the final exit."""
     return np.array([NEVER] * (n_exits - 1) + [0.0])
 

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from branchserve.repo.manifest import InputSpec
+from branchserve.repo.tensors import FloatArray
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad data
@@ -33,7 +34,7 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
-def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
+def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
     """Convert colour mode, resize to the input size, scale and normalise; returns (C, H, W) float32."""
     channels, height, width = spec.shape
     try:

@@ -16,8 +16,9 @@ from branchserve.repo.manifest import Manifest, RepositoryError, load_manifest
 from branchserve.repo.sessions import load_session
 
 
-def _graph_names(path: Path) -> tuple[list[str], list[str], list[object]]:
-    """Input names, output names and the first input's shape, as onnxruntime reads the file."""
+def _graph_names(path: Path) -> tuple[list[str], list[str], list[int | str | None]]:
+    """Input names, output names and the first input's shape, as onnxruntime reads the file (a dynamic
+    axis is its name, or None)."""
     try:
         session = load_session(path)
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as e:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -29,16 +30,17 @@ from tqdm import tqdm
 
 from branchserve.repo.manifest import CostProfile, StageLatency
 from branchserve.repo.sessions import RUN_OPTIONS, load_session
+from branchserve.repo.tensors import Float64Array, FloatArray
 
 INTRA_OP_THREADS = 1
 BLOCK = 50
 
 
-def run_chain(stages: Sequence[ort.InferenceSession], x: np.ndarray) -> list[np.ndarray]:
+def run_chain(stages: Sequence[ort.InferenceSession], x: FloatArray) -> list[FloatArray]:
     """Every exit's logits, feeding each stage's boundary tensor to the next stage."""
     logits = []
     for k, session in enumerate(stages):
-        out = session.run(None, {session.get_inputs()[0].name: x}, RUN_OPTIONS)
+        out = cast(list[FloatArray], session.run(None, {session.get_inputs()[0].name: x}, RUN_OPTIONS))
         if k < len(stages) - 1:
             x = out[0]
         logits.append(out[-1])
@@ -106,8 +108,8 @@ class BoundGraphs(TimedGraphs):
     batch; each stage's boundary output buffer is the next stage's input, so nothing is copied
     between stages. Not thread-safe: one per thread."""
 
-    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: np.ndarray) -> None:
-        self._keep: list[np.ndarray] = []  # buffers the OrtValues point into
+    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: FloatArray) -> None:
+        self._keep: list[FloatArray] = []  # buffers the OrtValues point into
         self.stages, self.full = list(stages), full
         feed = first = self._value(np.ascontiguousarray(x))
         self.stage_calls, self.stage_outputs = [], []
@@ -119,12 +121,12 @@ class BoundGraphs(TimedGraphs):
         binding, self.full_outputs = self._bind(full, first)
         self.full_call = _binding_call(full, binding)
 
-    def _value(self, array: np.ndarray) -> ort.OrtValue:
+    def _value(self, array: FloatArray) -> ort.OrtValue:
         self._keep.append(array)
         return ort.OrtValue.ortvalue_from_numpy(array)
 
     def _bind(self, session: ort.InferenceSession, feed: ort.OrtValue) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
-        shapes = session.run(None, {session.get_inputs()[0].name: feed.numpy()}, RUN_OPTIONS)
+        shapes = cast(list[FloatArray], session.run(None, {session.get_inputs()[0].name: feed.numpy()}, RUN_OPTIONS))
         binding = session.io_binding()
         binding.bind_ortvalue_input(session.get_inputs()[0].name, feed)
         outputs = [self._value(np.full_like(a, np.nan)) for a in shapes]  # NaN until a run writes them
@@ -142,9 +144,9 @@ class BoundGraphs(TimedGraphs):
 class PlainGraphs(TimedGraphs):
     """The same timings through `session.run` with numpy in and out, as the simplest client runs them."""
 
-    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: np.ndarray) -> None:
+    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: FloatArray) -> None:
         self.stages, self.full, self.x = list(stages), full, x
-        self.names = [s.get_inputs()[0].name for s in self.stages]
+        self.names: list[str] = [s.get_inputs()[0].name for s in self.stages]
         self.h = x  # the input of the next stage to run
 
     def run_stage(self, k: int) -> None:
@@ -193,7 +195,7 @@ def measure(
             chain_ns += [graphs.time_chain() for _ in range(n)]
             full_ns += [graphs.time_full() for _ in range(n)]
             bar.update(n)
-        reach_ms = np.median(np.cumsum(chain_ns[warmup:], axis=1), axis=0) / 1e6
+        reach_ms: Float64Array = np.median(np.cumsum(chain_ns[warmup:], axis=1), axis=0) / 1e6
         rows.append(
             StageLatency(
                 batch_size=batch,
@@ -220,12 +222,13 @@ def cost_profile(
     load_before = os.getloadavg()
     latency = measure(stage_files, full_file, input_shape, batch_sizes, runs, progress)
     load_after = os.getloadavg()
+    one, five, fifteen = (max(a, b) for a, b in zip(load_before, load_after, strict=True))
     return CostProfile(
         host=describe_host(),
         cpu_count=os.cpu_count() or 1,
         onnxruntime=ort.__version__,
         intra_op_threads=INTRA_OP_THREADS,
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        load_average=tuple(max(a, b) for a, b in zip(load_before, load_after, strict=True)),
+        load_average=(one, five, fifteen),
         latency=latency,
     )

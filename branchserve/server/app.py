@@ -93,14 +93,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema plus the body schemas that predict documents but does not parse with pydantic."""
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in DOC_SCHEMAS:
-                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(doc.pop("$defs", {}))
-                components[model.__name__] = doc
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)  # makes and keeps app.openapi_schema, this same dict
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in DOC_SCHEMAS:
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(doc.pop("$defs", {}))
+            components[model.__name__] = doc
+        return schema
 
+    # FastAPI's documented way to extend the schema is to replace this method on the instance.
     app.openapi = openapi  # type: ignore[method-assign]
     return app

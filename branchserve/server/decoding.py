@@ -9,12 +9,12 @@ input cost 12–20 % of throughput; only the small budget goes through pydantic.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 
 import numpy as np
 import orjson
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -29,7 +29,7 @@ INLINE_MAX_PIXELS = 256 * 256  # decodes in well under a millisecond; a 1024×10
 JSON_FIELDS = frozenset({"inputs", "budget", "probabilities"})
 
 
-def validation_message(errors: Sequence[Any], prefix: str = "") -> str:
+def validation_message(errors: Sequence[ErrorDetails], prefix: str = "") -> str:
     """The first of pydantic's (or FastAPI's) validation errors as "where: what"."""
     first = errors[0]
     where = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
@@ -128,7 +128,7 @@ def parse_image(body: bytes, query: Mapping[str, str], spec: InputSpec, max_batc
 async def multipart_file(headers: Headers, body: bytes) -> bytes:
     """Bytes of the upload in field `file` of a multipart/form-data body."""
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
     try:

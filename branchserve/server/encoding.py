@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from branchserve.server.predictor import Result
@@ -12,7 +10,7 @@ from branchserve.server.predictor import Result
 def encode_native(result: Result) -> bytes:
     outcome, labels, budget = result.outcome, result.manifest.labels, result.budget
     classes = outcome.probs.argmax(axis=1).tolist()
-    outputs: list[dict[str, Any]] = [
+    outputs: list[dict[str, object]] = [
         {"exit": k, "confidence": c, "class": y, "label": labels[y], "stages_run": k + 1}
         for k, c, y in zip(outcome.exits.tolist(), outcome.confidence.tolist(), classes, strict=True)
     ]

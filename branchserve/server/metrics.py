@@ -27,7 +27,7 @@ CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 
 OUTCOMES = ("ok", "bad_input", "overloaded")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
 
 class Metrics:

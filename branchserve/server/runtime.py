@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +19,7 @@ import onnxruntime as ort
 from branchserve.repo.confidence import confidence, softmax
 from branchserve.repo.manifest import Manifest, StageSpec
 from branchserve.repo.sessions import RUN_OPTIONS, load_session
+from branchserve.repo.tensors import Float64Array, FloatArray, IntArray
 
 CALIBRATION_BATCH = 16
 MEAN_STEP = 0.05  # EWMA weight of one observation in the mean slowdown
@@ -62,11 +64,11 @@ class StageClock:
 class Outcome:
     """Per-input answers of one run, and what the run cost."""
 
-    exits: np.ndarray  # (n,) int: exit that answered each input
-    confidence: np.ndarray  # (n,) float32
-    probs: np.ndarray  # (n, classes) float32
+    exits: IntArray  # (n,): exit that answered each input
+    confidence: FloatArray  # (n,)
+    probs: FloatArray  # (n, classes)
     stage_seconds: list[float]  # wall time of each stage call
-    scored: list[np.ndarray]  # confidence of every row each stage call computed, answered there or not
+    scored: list[FloatArray | Float64Array]  # confidence of every row each stage call computed, answered there or not
     deadline_stopped: bool
 
 
@@ -78,9 +80,9 @@ class Stage:
         )
         self.session = session
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, x: FloatArray) -> tuple[FloatArray, FloatArray | None]:
         """(exit logits, boundary tensor or None for the last stage)."""
-        out = self.session.run(self.outputs, {self.input_name: x}, RUN_OPTIONS)
+        out = cast(list[FloatArray], self.session.run(self.outputs, {self.input_name: x}, RUN_OPTIONS))
         return out[0], (out[1] if len(out) > 1 else None)
 
 
@@ -92,7 +94,7 @@ class ModelRuntime:
         self.stages = [Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages]
         self.input_shape = manifest.input.shape
         stage_macs = [s.backbone_macs + s.head_macs for s in manifest.stages]
-        self.cumulative_macs = np.cumsum(stage_macs)
+        self.cumulative_macs: IntArray = np.cumsum(stage_macs, dtype=np.int64)
         self.clock = StageClock(self._calibrate())
 
     @property
@@ -112,7 +114,8 @@ class ModelRuntime:
                     _, boundary = stage(x)
                     times.append(time.perf_counter() - t0)
                 medians[n] = float(np.median(times))
-                xs[n] = boundary
+                if boundary is not None:  # None after the last stage, whose output feeds nothing
+                    xs[n] = boundary
             b = max((medians[CALIBRATION_BATCH] - medians[1]) / (CALIBRATION_BATCH - 1), 0.0)
             fitted.append((max(medians[1] - b, 1e-6), b))
         return fitted
@@ -121,7 +124,7 @@ class ModelRuntime:
         return time.perf_counter() + self.clock.worst_case(k, rows) > deadline_at
 
     def run(
-        self, x: np.ndarray, thresholds: Sequence[float], max_exit: int, deadline_at: float | None = None
+        self, x: FloatArray, thresholds: Sequence[float], max_exit: int, deadline_at: float | None = None
     ) -> Outcome:
         """Run (n, C, H, W) inputs; `deadline_at` is a time.perf_counter() instant."""
         n = len(x)
@@ -130,7 +133,7 @@ class ModelRuntime:
         probs = np.zeros((n, len(self.manifest.labels)), np.float32)
         active = np.arange(n)
         seconds: list[float] = []
-        scored: list[np.ndarray] = []
+        scored: list[FloatArray | Float64Array] = []
         stopped = False
         h = x
         for k, stage in enumerate(self.stages):

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from branchserve.repo.manifest import ConfidenceKind, InputSpec, OperatingPoint
 from branchserve.repo.points import Policy
 from branchserve.server.budget import Budget
 
-EXAMPLE_INPUT = [[0.0] * 28] * 28
+EXAMPLE_INPUT: list[JsonValue] = [[0.0] * 28] * 28
 
 
 class PredictBody(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": EXAMPLE_INPUT, "budget": {"deadline_ms": 2}}]})
 
-    inputs: list = Field(
+    inputs: list[object] = Field(
         description="one input as nested arrays of numbers, (C, H, W), (H, W) for one channel or flat (C·H·W), "
         "or a batch of them with a leading axis; normalised as the model's `input` spec says"
     )
