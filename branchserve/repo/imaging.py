@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -12,21 +13,28 @@ from branchserve.repo.tensors import FloatArray
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad data
+SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+"""The formats an image may have, by their first bytes; Pillow's plugin names are the upper-case keys.
+Anything else is refused before a decoder runs: Pillow reads dozens of formats, some of which decode
+inside `Image.open` (an ICO's embedded PNG) or hand the data to other programs (EPS to Ghostscript)."""
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded or is too large; the message is safe to show a client."""
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Read an image's header (its pixels are decoded later, by `image_to_input`), refusing one
-    that is not a PNG/JPEG or has more than MAX_IMAGE_PIXELS pixels."""
+def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> Image.Image:
+    """Read an image's header (its pixels are decoded later, by `image_to_input`), refusing one whose
+    first bytes are not of an allowed format or that has more than MAX_IMAGE_PIXELS pixels."""
     if not data:
         raise ImageError("empty image body")
+    kind = next((f for f in formats if data.startswith(SIGNATURES[f])), None)
+    if kind is None:
+        raise ImageError(f"not an image of an accepted format ({', '.join(f.upper() for f in formats)})")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=[kind.upper()])
     except UnidentifiedImageError:
-        raise ImageError("cannot decode image: not a PNG or JPEG file") from None
+        raise ImageError(f"cannot decode image: not a valid {kind.upper()} file") from None
     except DECODE_ERRORS as e:
         raise ImageError(f"cannot decode image: {e}") from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -45,9 +53,12 @@ def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    img = img.convert(spec.color_mode)
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    try:
+        img = img.convert(spec.color_mode)
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.BILINEAR)
+    except DECODE_ERRORS as e:
+        raise ImageError(f"cannot convert a {img.mode} image to {spec.color_mode}: {e}") from None
     arr = np.asarray(img, dtype=np.float32) * spec.scale
     arr = (arr - spec.mean) / spec.std
     return arr.reshape(height, width, channels).transpose(2, 0, 1).copy()

@@ -12,22 +12,20 @@ model: on this path they cost ~0.4 ms of CPU per request, as much as the model's
 
 from __future__ import annotations
 
-import secrets
+import logging
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from branchserve.repo.points import Policy
 from branchserve.server.admission import Admission
-from branchserve.server.decoding import MULTIPART, QueryParams, media_type, multipart_file, parser_for
+from branchserve.server.decoding import MULTIPART, QueryParams, media_type, multipart_file, parser_for, read_body
 from branchserve.server.encoding import encode_native
 from branchserve.server.errors import RequestError
-from branchserve.server.metrics import CONTENT_TYPE, Metrics
-from branchserve.server.predictor import PredictError, PredictRequest, ServedModel
+from branchserve.server.predictor import DeadlineError, PredictError, PredictRequest, ServedModel
 from branchserve.server.schemas import (
     CurrentOperatingPoint,
     ErrorResponse,
@@ -37,44 +35,10 @@ from branchserve.server.schemas import (
     PredictBody,
     PredictResponse,
 )
-from branchserve.server.settings import Settings
+from branchserve.server.state import ServerState, admin, client, served_model
+from branchserve.server.transport import READY_AT, TIMED_OUT
 
-
-@dataclass
-class ServerState:
-    settings: Settings
-    models: dict[str, ServedModel]
-    metrics: Metrics
-    admission: Admission
-    limiter: anyio.CapacityLimiter | None = None  # made at startup, inside the event loop
-
-    def model(self, name: str) -> ServedModel:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise RequestError(404, f"no model named {name!r}; see GET /v1/models") from None
-
-
-async def state(request: Request) -> ServerState:
-    server: ServerState = request.app.state.server
-    return server
-
-
-async def served_model(name: str, server: Annotated[ServerState, Depends(state)]) -> ServedModel:
-    return server.model(name)
-
-
-bearer = HTTPBearer(auto_error=False)
-
-
-async def admin(
-    server: Annotated[ServerState, Depends(state)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    token = server.settings.admin_token
-    given = credentials.credentials if credentials else ""
-    if token and not secrets.compare_digest(given.encode(), token.encode()):
-        raise RequestError(401, "admin endpoint: missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+log = logging.getLogger("branchserve")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -108,74 +72,65 @@ DOC_SCHEMAS = (PredictBody,)  # referenced by PREDICT_OPENAPI; app.py adds them 
 router = APIRouter()
 
 
-def respond(model: ServedModel, request: PredictRequest, started: float, loaded: bool) -> bytes:
-    return encode_native(model.predict(request, started, loaded))
+def respond(model: ServedModel, request: PredictRequest, admission: Admission, ready_at: float) -> bytes:
+    """Predict and encode, if admission lets the request start after its wait since `ready_at`."""
+    started = admission.start(model.name, ready_at, request.budget.deadline_ms)
+    try:
+        return encode_native(model.predict(request, ready_at, admission.loaded))
+    except DeadlineError as e:
+        admission.shed(model.name, str(e), "expired")
+    finally:
+        admission.finished(started)
 
 
-async def answer(request: Request, model: ServedModel, server: ServerState, started: float) -> bytes:
+async def answer(request: Request, model: ServedModel, server: ServerState) -> bytes:
     """Read and decode the body, then predict and encode on the loop or in one worker-thread hop."""
-    settings, admission = server.settings, server.admission
-    parse = parser_for(request.headers.get("content-type"))
+    settings, admission, limits = server.settings, server.admission, server.limits
+    parse = parser_for(request.headers.get("content-type"), limits)
     body = await read_body(request, settings.max_body_bytes)
     if media_type(request.headers.get("content-type")) == MULTIPART:
         body = await multipart_file(request.headers, body)
+    ready_at = request.scope.get(READY_AT) or time.perf_counter()  # the last byte's arrival
     spec, query = model.manifest.input, request.query_params
-
     if len(body) > settings.inline_body_bytes:
 
         def decode_and_respond() -> bytes:
-            return respond(model, parse(body, query, spec, settings.max_batch), started, admission.loaded)
+            return respond(model, parse(body, query, spec, limits), admission, ready_at)
 
         return await anyio.to_thread.run_sync(decode_and_respond, limiter=server.limiter)
-    # A body already received never suspends this coroutine: yield once, so requests that arrived
-    # meanwhile are counted in flight (admission, load point) before this one runs.
-    await anyio.sleep(0)
-    decoded = parse(body, query, spec, settings.max_batch)  # JSON into arrays, or an image's header
+    decoded = parse(body, query, spec, limits)  # JSON into arrays, or an image's header
     if decoded.light:
-        return respond(model, decoded, started, admission.loaded)
-    loaded = admission.loaded
-    return await anyio.to_thread.run_sync(lambda: respond(model, decoded, started, loaded), limiter=server.limiter)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) anything over `limit` bytes before or while it arrives."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body:
-        raise RequestError(400, "empty body")
-    return body
+        return respond(model, decoded, admission, ready_at)
+    return await anyio.to_thread.run_sync(respond, model, decoded, admission, ready_at, limiter=server.limiter)
 
 
 @router.post(
     "/v1/models/{name}/predict",
     response_model=PredictResponse,
-    responses=errors(400, 404, 413, 415, 422, 503),
+    responses=errors(400, 401, 404, 413, 415, 422, 503),
     openapi_extra=PREDICT_OPENAPI,
     summary="Classify one input or a batch: JSON arrays, a PNG/JPEG body, or a multipart upload in field `file`",
 )
 async def predict(request: Request, name: str) -> Response:
-    started = time.perf_counter()
     server: ServerState = request.app.state.server
     model = server.model(name)
-    with server.admission.slot(model.name):
-        try:
-            payload = await answer(request, model, server, started)
-        except (RequestError, PredictError):
+    server.keys.check(request)
+    try:
+        payload = await answer(request, model, server)
+    except ClientDisconnect:
+        outcome = "timed_out" if request.scope.get(TIMED_OUT) else "disconnected"
+        server.metrics.requests.labels(model.name, outcome).inc()
+        log.debug("predict %s: client %s before sending its whole body", name, outcome.replace("_", " "))
+        return Response(status_code=400)  # never sent: the client is gone
+    except (RequestError, PredictError) as e:
+        if not (isinstance(e, RequestError) and e.status == 503):  # admission counted its refusals
             server.metrics.requests.labels(model.name, "bad_input").inc()
-            raise
+        raise
     return Response(payload, media_type="application/json")
 
 
-@router.get("/v1/models", response_model=list[ModelSummary], summary="Models being served")
-async def list_models(server: Annotated[ServerState, Depends(state)]) -> list[ModelSummary]:
+@router.get("/v1/models", response_model=list[ModelSummary], responses=errors(401), summary="Models being served")
+async def list_models(server: Annotated[ServerState, Depends(client)]) -> list[ModelSummary]:
     return [
         ModelSummary(name=m.name, version=m.manifest.version, exits=m.runtime.num_exits, operating_point=m.choice.name)
         for m in server.models.values()
@@ -220,9 +175,9 @@ async def get_operating_point(model: Annotated[ServedModel, Depends(served_model
 @router.put(
     "/v1/models/{name}/operating-point",
     response_model=CurrentOperatingPoint,
-    responses=errors(400, 401, 404, 422),
+    responses=errors(400, 401, 403, 404, 422),
     dependencies=[Depends(admin)],
-    summary="Admin: set the server's operating point (bearer token if BRANCHSERVE_ADMIN_TOKEN is set)",
+    summary="Admin: set the server's operating point (needs BRANCHSERVE_ADMIN_TOKEN; disabled without one)",
 )
 async def set_operating_point(
     policy: Policy, model: Annotated[ServedModel, Depends(served_model)]
@@ -232,20 +187,3 @@ async def set_operating_point(
     except ValueError as e:
         raise RequestError(422, str(e)) from None
     return current_point(model)
-
-
-@router.get("/v2/health/live", summary="Liveness: the process answers")
-async def live() -> dict[str, bool]:
-    return {"live": True}
-
-
-@router.get("/v2/health/ready", summary="Readiness: every model loaded, checked and calibrated")
-async def ready(server: Annotated[ServerState, Depends(state)]) -> dict[str, object]:
-    if server.limiter is None:
-        raise RequestError(503, "starting up")
-    return {"ready": True, "models": sorted(server.models)}
-
-
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(server: Annotated[ServerState, Depends(state)]) -> Response:
-    return Response(server.metrics.render(), media_type=CONTENT_TYPE)

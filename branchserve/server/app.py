@@ -18,15 +18,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from branchserve.repo.loading import load_repository
-from branchserve.server import docs
+from branchserve.server import api, docs, probes
 from branchserve.server.admission import Admission
-from branchserve.server.api import DOC_SCHEMAS, ServerState, router
-from branchserve.server.decoding import validation_message
+from branchserve.server.auth import AdminToken, Keys
+from branchserve.server.decoding import Limits, validation_message
 from branchserve.server.errors import RequestError, error_response
 from branchserve.server.metrics import Metrics
 from branchserve.server.predictor import PredictError, ServedModel
 from branchserve.server.runtime import ModelRuntime
 from branchserve.server.settings import Settings
+from branchserve.server.state import ServerState
+from branchserve.server.transport import Guard
 
 log = logging.getLogger("branchserve")
 
@@ -68,11 +70,51 @@ def load_models(settings: Settings, metrics: Metrics) -> dict[str, ServedModel]:
     return models
 
 
+def server_state(settings: Settings) -> ServerState:
+    metrics = Metrics()
+    admission = Admission(
+        settings.max_in_flight,
+        settings.degrade_in_flight,
+        settings.max_wait_ms / 1e3,
+        settings.queue_target_ms / 1e3,
+        settings.queue_interval_ms / 1e3,
+        metrics,
+    )
+    limits = Limits(settings.max_batch, tuple(settings.image_formats))
+    keys = Keys(settings.api_keys, settings.api_keys_file)
+    admin = AdminToken(settings.admin_token)
+    log.info(
+        "admin endpoints %s; predict and metadata %s",
+        "need the admin token" if admin.token else "disabled (no BRANCHSERVE_ADMIN_TOKEN)",
+        "need an API key" if keys.required else "open to every client (no API keys)",
+    )
+    return ServerState(settings, load_models(settings, metrics), metrics, admission, limits, keys, admin)
+
+
+def connection_guard(app: FastAPI) -> Guard:
+    """The connection-level limits of `app`'s settings, and its admission at the door."""
+    server: ServerState = app.state.server
+    admission, metrics, models, settings = server.admission, server.metrics, server.models, server.settings
+
+    def predict_model(url: bytes) -> str | None:
+        parts = url.partition(b"?")[0].split(b"/")  # b"", b"v1", b"models", name, b"predict"
+        name = parts[3].decode("latin-1") if len(parts) == 5 and parts[4] == b"predict" else None
+        return name if name in models else None
+
+    def refuse(model: str) -> bool:
+        if not admission.refuse_at_door():
+            return False
+        metrics.requests.labels(model, "overloaded").inc()
+        return True
+
+    return Guard(
+        settings.max_header_bytes, settings.request_timeout_s, predict_model, refuse, admission.arrived, admission.left
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = Metrics()
-    admission = Admission(settings.max_in_flight, settings.degrade_in_flight, metrics)
-    server = ServerState(settings, load_models(settings, metrics), metrics, admission)
+    server = server_state(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -83,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="branchserve", description=DESCRIPTION, version="1", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.server = server
-    app.include_router(router)
+    app.include_router(api.router)
+    app.include_router(probes.router)
     docs.mount(app)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestError, on_request_error)
@@ -97,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # makes and keeps app.openapi_schema, this same dict
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in DOC_SCHEMAS:
+        for model in api.DOC_SCHEMAS:
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(doc.pop("$defs", {}))
             components[model.__name__] = doc

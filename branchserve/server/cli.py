@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
+from branchserve.server.decoding import validation_message
 from branchserve.server.settings import Settings
 
 
@@ -15,17 +17,27 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from branchserve.repo.manifest import RepositoryError
-    from branchserve.server.app import create_app
+    from branchserve.server.app import connection_guard, create_app
+    from branchserve.server.transport import guarded_protocol
 
-    settings = Settings(_cli_settings_source=args.settings_source(parsed_args=args))
+    try:
+        settings = Settings(_cli_settings_source=args.settings_source(parsed_args=args))
+    except ValidationError as e:  # one line, and never the value: it may be a token
+        sys.exit(f"branchserve serve: {validation_message(e.errors(include_input=False))}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)-9s %(message)s")
     try:
         app = create_app(settings)
-    except (RepositoryError, ValueError) as e:
+    except (RepositoryError, ValueError, OSError) as e:
         hint = "" if settings.repository.is_dir() else " (pass --repository DIR or set BRANCHSERVE_REPOSITORY)"
         sys.exit(f"branchserve serve: {e}{hint}")
-    # One process: a second would duplicate every model and compete for the same cores.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        http=guarded_protocol(connection_guard(app)),
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,6 +10,7 @@ input cost 12–20 % of throughput; only the small budget goes through pydantic.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
 
 from branchserve.repo.imaging import ImageError, image_to_input, open_image
 from branchserve.repo.manifest import InputSpec
@@ -84,8 +86,17 @@ def array_batch(value: object, spec: InputSpec, max_batch: int) -> FloatArray:
     return x
 
 
-def parse_json(body: bytes, query: Mapping[str, str], spec: InputSpec, max_batch: int) -> PredictRequest:
-    """`{"inputs": ..., "budget": {...}, "probabilities": bool}`; a body budget replaces the query's."""
+@dataclass(frozen=True)
+class Limits:
+    """What a request may hold: inputs per batch, and the image formats decoded."""
+
+    max_batch: int
+    image_formats: tuple[str, ...]
+
+
+def parse_json(body: bytes, query: Mapping[str, str], spec: InputSpec, limits: Limits) -> PredictRequest:
+    """`{"inputs": ..., "budget": {...}, "probabilities": bool}`; a body budget replaces the query's.
+    The budget is validated strictly: `true` is not a number, whatever Python thinks."""
     budget, probabilities = query_options(query)
     try:
         doc = orjson.loads(body)
@@ -101,18 +112,18 @@ def parse_json(body: bytes, query: Mapping[str, str], spec: InputSpec, max_batch
         raise RequestError(422, "probabilities: must be true or false")
     if doc.get("budget") is not None:
         try:
-            budget = Budget.model_validate(doc["budget"])
+            budget = Budget.model_validate(doc["budget"], strict=True)
         except ValidationError as e:
             raise RequestError(422, validation_message(e.errors(), "budget")) from None
-    x = array_batch(doc["inputs"], spec, max_batch)
+    x = array_batch(doc["inputs"], spec, limits.max_batch)
     return PredictRequest(lambda: x, budget, doc.get("probabilities", False) or probabilities, light=len(x) == 1)
 
 
-def parse_image(body: bytes, query: Mapping[str, str], spec: InputSpec, max_batch: int) -> PredictRequest:
-    """One PNG/JPEG: its header is read now, its pixels when `inputs` is called."""
+def parse_image(body: bytes, query: Mapping[str, str], spec: InputSpec, limits: Limits) -> PredictRequest:
+    """One image of an allowed format: its header is read now, its pixels when `inputs` is called."""
     budget, probabilities = query_options(query)
     try:
-        image = open_image(body)
+        image = open_image(body, limits.image_formats)
     except ImageError as e:
         raise RequestError(400, str(e)) from None
 
@@ -127,6 +138,9 @@ def parse_image(body: bytes, query: Mapping[str, str], spec: InputSpec, max_batc
 
 async def multipart_file(headers: Headers, body: bytes) -> bytes:
     """Bytes of the upload in field `file` of a multipart/form-data body."""
+    boundary = Headers(headers).get("content-type", "").partition("boundary=")[2].strip('"; ').encode()
+    if boundary and not body.rstrip(b"\r\n").endswith(b"--" + boundary + b"--"):
+        raise RequestError(400, "bad multipart body: truncated (no closing boundary)")
 
     async def stream() -> AsyncGenerator[bytes, None]:
         yield body
@@ -144,7 +158,24 @@ async def multipart_file(headers: Headers, body: bytes) -> bytes:
         await form.close()
 
 
-Parser = Callable[[bytes, Mapping[str, str], InputSpec, int], PredictRequest]
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) anything over `limit` bytes before or while it arrives."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise RequestError(400, "empty body")
+    return body
+
+
+Parser = Callable[[bytes, Mapping[str, str], InputSpec, Limits], PredictRequest]
 
 # curl -d sends application/x-www-form-urlencoded; this API takes no forms, so such a body is JSON.
 MULTIPART = "multipart/form-data"
@@ -161,12 +192,13 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def parser_for(content_type: str | None) -> Parser:
-    try:
-        return PARSERS[media_type(content_type)]
-    except KeyError:
-        raise RequestError(
-            415,
-            f"unsupported content type {media_type(content_type)!r}: send application/json, image/png, "
-            "image/jpeg or multipart/form-data",
-        ) from None
+def accepted_types(limits: Limits) -> list[str]:
+    images = [f"image/{f}" for f in limits.image_formats]
+    return [t for t in PARSERS if not t.startswith("image/") or t in images]
+
+
+def parser_for(content_type: str | None, limits: Limits) -> Parser:
+    kind = media_type(content_type)
+    if kind not in accepted_types(limits):
+        raise RequestError(415, f"unsupported content type {kind!r}: send one of {', '.join(accepted_types(limits))}")
+    return PARSERS[kind]

@@ -30,6 +30,10 @@ class PredictError(ValueError):
     """A budget that does not fit the model (e.g. `max_exit` past its last exit); safe to show a client."""
 
 
+class DeadlineError(RuntimeError):
+    """A request's deadline leaves too little time for even the first stage: answered at once, not late."""
+
+
 @dataclass(frozen=True)
 class PredictRequest:
     """What predict needs. `inputs` may still decode an image's pixels, so it runs where predict runs."""
@@ -105,6 +109,9 @@ class ServedModel:
         choice, source = self._thresholds(budget, loaded)
         max_exit = last if budget.max_exit is None else budget.max_exit
         deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
+        if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
+            left_ms = (deadline_at - time.perf_counter()) * 1e3
+            raise DeadlineError(f"deadline cannot be met: {left_ms:.2f} ms left, the first stage alone needs more")
         outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at)
         latency = time.perf_counter() - started
         missed = None if deadline_at is None else started + latency > deadline_at

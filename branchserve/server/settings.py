@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from branchserve.repo.points import Policy
+
+MIN_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -37,14 +40,44 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(256, ge=1, description="most inputs one request may carry")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body")
-    max_in_flight: int = Field(64, ge=1, description="requests admitted at once; more get 503 with Retry-After")
+    max_in_flight: int = Field(
+        64, ge=1, description="requests with their body received, queued or computing at once; more get 503"
+    )
+    max_wait_ms: float = Field(
+        15.0, gt=0, description="admission: longest a request may wait for the event loop or a worker to start it"
+    )
+    queue_target_ms: float = Field(
+        5.0, gt=0, description="admission: while a queue stands, a request may wait only this long"
+    )
+    queue_interval_ms: float = Field(
+        100.0, gt=0, description="admission: a queue stands when no request started within the target for this long"
+    )
+    max_header_bytes: int = Field(16 << 10, ge=1024, description="largest request line and headers (431 above)")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="from a request's first byte to its last, and for a new connection to start one (408)"
+    )
+    image_formats: Annotated[list[Literal["png", "jpeg"]], NoDecode] = Field(
+        ["png", "jpeg"],
+        min_length=1,
+        description="image formats predict decodes, checked from the first bytes before any decoder runs",
+    )
     degrade_in_flight: int = Field(
         16, ge=1, description="above this many requests in flight, serve at the cheaper load point"
     )
     degrade_accuracy_drop: float = Field(
         0.01, ge=0, le=1, description="the load point: cheapest point within this accuracy drop of the final exit"
     )
-    admin_token: str | None = Field(None, description="bearer token the admin endpoint requires, if set")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="bearer token of the admin endpoints (at least 16 characters); without one they are disabled",
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [],
+        description="API keys for predict and model metadata (bearer tokens), comma-separated; none: open to every client",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one per line, re-read when it changes (rotation without restart)"
+    )
     log_level: str = Field("info", description="uvicorn log level")
 
     @field_validator("operating_point")
@@ -52,6 +85,18 @@ class Settings(BaseSettings):
     def _is_policy(cls, text: str) -> str:
         Policy.model_validate_json(text)
         return text
+
+    @field_validator("image_formats", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"must have at least {MIN_TOKEN_CHARS} characters (an empty token does not disable it)")
+        return token
 
     @property
     def policy(self) -> Policy:
