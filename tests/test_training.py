@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from branchserve.cli import main, parser
 from branchserve.fmnist import DataError, read_idx
 from branchserve.repo.loading import load_version
-from branchserve.training.cli import QUICK_REGIME, regime
+from branchserve.training.cli import QUICK_REGIME, regime, serving_hint
 from branchserve.training.config import (
     PRESETS,
     ArchConfig,
@@ -395,3 +395,20 @@ def test_quick_trial_is_limited_and_says_so(tmp_path: Path, capsys: pytest.Captu
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     for accuracy in summary["val_accuracy"] + summary["test_accuracy"]:
         assert round(accuracy * 100, 4).is_integer()  # scored on 100 images
+
+
+def test_export_names_the_version_serve_will_pick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for version in ("1", "3", ".export-4"):
+        (tmp_path / "models" / "shoes" / version).mkdir(parents=True)
+    repo = Path("models")  # serve's default: no --repository needed
+    assert serving_hint(repo, repo / "shoes" / "3") == (
+        "shoes/3 is now the latest version of shoes: `branchserve serve` will serve it"
+    )
+    assert serving_hint(repo, repo / "shoes" / "1") == (
+        "shoes/1 is not the latest version of shoes: `branchserve serve` will serve shoes/3"
+    )
+    other = tmp_path / "models"
+    assert serving_hint(other, other / "shoes" / "3").endswith(
+        f"`branchserve serve --repository {other}` will serve it"
+    )

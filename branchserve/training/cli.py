@@ -212,13 +212,14 @@ def export_source(args: argparse.Namespace) -> DataSource:
 
 
 def serving_hint(repo: Path, version_dir: Path) -> str:
-    from branchserve.training.export.publish import next_version
+    """Which version of the model `branchserve serve` will pick, by the server's own rule."""
+    from branchserve.repo.loading import latest_version
 
-    name, latest = version_dir.parent.name, next_version(version_dir.parent) - 1
+    name, latest = version_dir.parent.name, latest_version(version_dir.parent)
     serve = "branchserve serve" + ("" if repo == DEFAULT_REPO else f" --repository {repo}")
-    if version_dir.name == str(latest):
-        return f"{name}/{latest} is now the latest version of {name}: `{serve}` will serve it"
-    return f"{name}/{version_dir.name} is not the latest version of {name}: `{serve}` will serve {name}/{latest}"
+    if latest == version_dir:
+        return f"{name}/{latest.name} is now the latest version of {name}: `{serve}` will serve it"
+    return f"{name}/{version_dir.name} is not the latest version of {name}: `{serve}` will serve {name}/{latest.name}"
 
 
 def _export(args: argparse.Namespace) -> None:
