@@ -10,13 +10,10 @@ from branchserve import __version__
 from branchserve.loadtest import cli as loadtest_cli
 from branchserve.repo import cli as repo_cli
 from branchserve.server import cli as server_cli
-from branchserve.training import analysis_cli, export_cli
 from branchserve.training import cli as training_cli
 
 COMMANDS = (
     training_cli.register,
-    analysis_cli.register,
-    export_cli.register,
     repo_cli.register,
     server_cli.register,
     loadtest_cli.register,

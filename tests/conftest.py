@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from branchserve.training.config import ArchConfig, RegimeConfig
 from branchserve.training.data import Dataset, load_fashion_mnist
-from branchserve.training.export import ExportSettings, export_run
-from branchserve.training.model import ArchConfig
-from branchserve.training.regime import RegimeConfig
+from branchserve.training.export.calibration import ExportSettings
+from branchserve.training.export.publish import export_run
 from branchserve.training.train import train
 
 TINY_ARCH = ArchConfig(stem_width=8, blocks=((8, 2), (16, 1), (16, 2), (24, 1)), head_conv_width=0, head_pool=2)

@@ -13,7 +13,6 @@ from branchserve.repo.frontier import NEVER, ExitScores
 from branchserve.repo.manifest import InputSpec
 from branchserve.training import study as study_module
 from branchserve.training.analysis import (
-    AnalysisSettings,
     class_separation_r2,
     compare_runs,
     linear_cka,
@@ -21,11 +20,10 @@ from branchserve.training.analysis import (
     probe_auc,
     relative_change,
 )
+from branchserve.training.config import PRESETS, AnalysisSettings, ArchConfig, RegimeConfig, StudySpec, parse_grid
 from branchserve.training.data import Dataset, Split
-from branchserve.training.model import ArchConfig
-from branchserve.training.regime import PRESETS, RegimeConfig
-from branchserve.training.report import write_analysis, write_study
-from branchserve.training.study import StudySpec, best_within, frontier, parse_grid, run_study
+from branchserve.training.report import study_table, write_analysis, write_study
+from branchserve.training.study import best_within, frontier, run_study
 from branchserve.training.train import train
 
 TINY = ArchConfig(
@@ -187,9 +185,14 @@ def test_study_runs_every_cell_and_resumes_without_retraining(
     for r in results:
         assert len(r.test_accuracy) == 2 and r.final_accuracy == r.test_accuracy[-1]
         assert 0 < r.probe_auc <= 1 and r.frontier[-1].cost == pytest.approx(1.0, abs=0.02)
-        assert r.at_budget is None or (0 <= r.at_budget.accuracy <= 1 and r.at_budget.val_cost <= 0.5)
+        assert r.at_budget == best_within(r.frontier, spec.cost_budget)
+        training = json.loads((tmp_path / "cells" / r.name / "summary.json").read_text())["wall_time_s"]
+        assert r.wall_time_s > training  # the cell's time counts its scoring too
     report = write_study(results, spec, tmp_path)
-    assert "| rank |" in report.read_text() and (tmp_path / "study.png").is_file()
+    table = study_table(results, spec.cost_budget).splitlines()
+    assert table[0].startswith("| rank | weighting | branches | batch_size |") and table[0].endswith("| wall s |")
+    assert [row.split("|")[-2].strip() for row in table[2:]] == [f"{r.wall_time_s:.0f}" for r in results]
+    assert "\n".join(table) in report.read_text() and (tmp_path / "study.png").is_file()
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished cell was trained again")

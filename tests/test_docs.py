@@ -39,14 +39,14 @@ def fenced(kind: str) -> Iterator[tuple[str, str]]:
 
 
 def shell_lines() -> list[tuple[str, str]]:
-    """(doc, command) for every command in a shell block (continuations joined, prompts dropped)
-    and every inline `branchserve …` / `python bench/…` span."""
+    """(doc, command) for every command in a shell block (continuations joined; in a transcript,
+    the lines after a `$ ` prompt) and every inline `branchserve …` / `python bench/…` span."""
     found = []
     for doc, body in fenced("shell"):
-        for line in body.replace("\\\n", " ").splitlines():
-            line = line.strip().removeprefix("$ ")
-            if line and not line.startswith("#"):
-                found.append((doc, line))
+        lines = [line.strip() for line in body.replace("\\\n", " ").splitlines()]
+        if any(line.startswith("$ ") for line in lines):  # a transcript: commands after prompts, output between
+            lines = [line[2:] for line in lines if line.startswith("$ ")]
+        found += [(doc, line) for line in lines if line and not line.startswith("#")]
     for doc in DOCS:
         found += [(doc.name, span) for span in INLINE.findall(doc.read_text())]
     return found

@@ -32,17 +32,15 @@ from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import MANIFEST_FILE, Manifest
 from branchserve.repo.profiling import BoundGraphs, run_chain
 from branchserve.repo.sessions import load_session
+from branchserve.training import provenance
 from branchserve.training.data import Dataset
-from branchserve.training.export import (
-    ExportError,
-    PooledLinear,
-    export_run,
-    for_export,
-    next_version,
-    route_input_through_pool,
-    verify_numerics,
-)
+from branchserve.training.export import ExportError
+from branchserve.training.export.calibration import check_split
+from branchserve.training.export.graphs import PooledLinear, for_export, route_input_through_pool
+from branchserve.training.export.numerics import verify_numerics
+from branchserve.training.export.publish import export_run, next_version
 from branchserve.training.model import stage_macs
+from branchserve.training.provenance import checkout
 from branchserve.training.train import SUMMARY, evaluate, load_model
 
 
@@ -132,9 +130,11 @@ def test_manifest_describes_the_model(tiny_run: Path, tiny_data: Dataset, manife
     for e in manifest.exits:
         assert sum(b.count for b in e.reliability) == 2000
     p = manifest.provenance
-    assert p["seed"] == 0 and p["regime"] == ckpt["config"] and p["training"]["commit"] == summary["commit"]
-    assert p["data"] == {**tiny_data.describe(), "split_seed": 0, "calibrated_on": "val", "test_use": "reported only"}
-    assert p["export"]["uncommitted_changes"] in (True, False)
+    assert p["seed"] == 0 and p["regime"] == ckpt["config"] and p["training"]["data"] == summary["data"]
+    assert p["data"] == {**tiny_data.describe(), "source": None, "calibrated_on": "val", "test_use": "reported only"}
+    code = checkout()
+    for record in (p["training"], p["export"]):
+        assert (record["commit"], record["uncommitted_changes"]) == (code.commit, code.uncommitted_changes)
     assert p["export"]["max_abs_diff_vs_torch"] <= 1e-4
     assert [r.batch_size for r in manifest.cost.latency] == [1, 4]
     for row in manifest.cost.latency:
@@ -236,6 +236,31 @@ def test_export_refuses_data_the_run_was_not_trained_on(tiny_run: Path, tiny_dat
     with pytest.raises(ExportError, match="has not finished training"):
         export_run(unfinished, tmp_path, "x", tiny_data, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_split_check_compares_the_images_training_scored() -> None:
+    """A run trained with --eval-limit N scored the first N validation images; export calibrates on all."""
+    correct = np.zeros((2, 100), dtype=bool)
+    correct[:, :50] = True
+    scores = ExitScores(np.ones((2, 100)), correct)
+    check_split(scores, {"data": {"eval_limit": 50}, "val_accuracy": [1.0, 1.0]})
+    check_split(scores, {"data": {"eval_limit": None}, "val_accuracy": [0.5, 0.5]})
+    with pytest.raises(ExportError, match="is it the split the run used"):
+        check_split(scores, {"data": {"eval_limit": 50}, "val_accuracy": [0.5, 0.5]})
+
+
+def test_checkout_is_what_git_says() -> None:
+    """One `git status` call gives both the commit and the dirty flag that runs and versions record."""
+    package = Path(provenance.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=package)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=package
+    )
+    code = checkout()
+    if head.returncode != 0:
+        assert (code.commit, code.uncommitted_changes) == (None, None)
+    else:
+        assert (code.commit, code.uncommitted_changes) == (head.stdout.strip(), bool(status.stdout.strip()))
 
 
 def test_calibrate_reprices_the_frontier_without_torch(tiny_version: Path, tmp_path: Path) -> None:

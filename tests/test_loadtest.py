@@ -46,8 +46,8 @@ def test_unmet_budgets_fail_the_run_and_say_which(tmp_path: Path, tiny_repo: Pat
     budgets.write_text(IMPOSSIBLE)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "branchserve.cli", "loadtest", "--budgets", str(budgets)]
-    cmd += ["--repository", str(tiny_repo), "--model", "tiny", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    cmd += ["--repository", str(tiny_repo), "--model", "tiny", "--out", "out"]  # relative to where it runs
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
 
     assert done.returncode == 1, done.stdout + done.stderr
     missed = [line for line in done.stdout.splitlines() if line.startswith("MISSED")]

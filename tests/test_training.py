@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
@@ -11,16 +12,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
+from branchserve.cli import main, parser
 from branchserve.fmnist import DataError, read_idx
+from branchserve.repo.loading import load_version
+from branchserve.training.cli import QUICK_REGIME, regime, serving_hint
+from branchserve.training.config import (
+    PRESETS,
+    ArchConfig,
+    RegimeConfig,
+    arch_for,
+    equidistant_positions,
+    loss_weights,
+)
 from branchserve.training.data import Dataset, load_fashion_mnist, load_image_folder
-from branchserve.training.model import ArchConfig, BranchedNet, equidistant_positions, stage_macs
-from branchserve.training.regime import PRESETS, RegimeConfig, arch_for, loss_weights, phases
+from branchserve.training.model import BranchedNet, stage_macs
+from branchserve.training.regime import phases
 from branchserve.training.train import exit_losses, make_optimizer, set_trainable, train_epoch
 
 TINY = ArchConfig(stem_width=4, blocks=((8, 2), (8, 1), (16, 2), (16, 1)), exits=(3,), head_conv_width=8)
@@ -149,6 +163,17 @@ def test_positions() -> None:
         BranchedNet(ArchConfig(exits=(1, 3)))
 
 
+def test_positions_and_weights_from_the_command_line_text() -> None:
+    cfg = RegimeConfig(**{**PRESETS["progressive"], "positions": "2,5,7"})
+    assert (cfg.branches, cfg.positions) == (3, [2, 5, 7])  # the number of exits follows the positions
+    assert arch_for(cfg, ArchConfig()).exits == (2, 5, 7)
+    assert RegimeConfig(weighting="1,1,1,2").weighting == [1.0, 1.0, 1.0, 2.0]
+    with pytest.raises(ValidationError, match="3 positions given for 4 branches"):
+        RegimeConfig(branches=4, positions="2,5,7")
+    with pytest.raises(ValidationError, match="weighting: 4 weights given for 3 branches"):
+        RegimeConfig(positions="2,5,7", weighting="1,1,1,2")
+
+
 def cli(*args: str, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "branchserve.cli", "train", *args],
@@ -198,25 +223,39 @@ def test_folder_dataset_mixed_sizes_and_colours(tmp_path: Path) -> None:
     make_folder(tmp_path / "imgs")
     data = load_image_folder(tmp_path / "imgs")
     assert data.labels == ["boots", "hats", "socks"]
-    assert len(data.train) + len(data.val) + len(data.test) == 24
+    assert (len(data.train), len(data.val), len(data.test)) == (20, 2, 2)
     assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.float32
-    assert set(data.train.y.tolist()) <= {0, 1, 2}
-    proc = cli(
-        "--data-dir",
-        str(tmp_path / "imgs"),
-        "--out",
-        str(tmp_path / "run"),
-        "--epochs",
-        "2",
-        "--finetune-epochs",
-        "1",
-        "--batch-size",
-        "8",
+    assert sorted(set(data.train.y.tolist())) == [0, 1, 2]
+
+
+def test_a_folder_trained_run_exports_from_its_own_record(tmp_path: Path) -> None:
+    """No --data-dir at export: the run's summary says which folder and split it was trained on."""
+    make_folder(tmp_path / "imgs")
+    run, repo = tmp_path / "run", tmp_path / "models"
+    flags = ["--epochs", "2", "--finetune-epochs", "1", "--batch-size", "8", "--widths", "8,8,8,8,8,8,8,8"]
+    trained = cli("--data-dir", str(tmp_path / "imgs"), "--out", str(run), *flags)
+    _, stderr = trained.communicate(timeout=300)
+    assert trained.returncode == 0, stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"] == {
+        "name": "imgs",
+        "train": 20,
+        "val": 2,
+        "test": 2,
+        "source": {"kind": "image-folder", "path": str((tmp_path / "imgs").resolve()), "split_seed": 0},
+        "train_limit": None,
+        "eval_limit": None,
+    }
+    export = [sys.executable, "-m", "branchserve.cli", "export", str(run), "--repo", str(repo), "--name", "folder"]
+    exported = subprocess.run([*export, "--batch-sizes", "1", "--runs", "50"], capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.splitlines()[-1] == (
+        f"folder/1 is now the latest version of folder: `branchserve serve --repository {repo}` will serve it"
     )
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["data"]["name"] == "imgs" and summary["data"]["train"] == len(data.train)
+    assert "warn" not in exported.stderr.lower() and "torchvision" not in exported.stderr  # tqdm bars only
+    manifest = load_version(repo / "folder" / "1")
+    assert manifest.labels == ["boots", "hats", "socks"]
+    assert manifest.provenance["data"]["source"] == summary["data"]["source"]
 
 
 def test_bad_paths_and_corrupt_files_give_clear_errors(tmp_path: Path) -> None:
@@ -255,3 +294,121 @@ def test_block_widths_change_channels_not_strides_or_exits() -> None:
     for bad in ([16] * 7, [16, 0, 48, 48, 96, 96, 96, 96]):
         with pytest.raises(ValueError, match="8 positive block widths"):
             ArchConfig().with_widths(bad)
+
+
+def train_flags(*flags: str) -> argparse.Namespace:
+    return parser().parse_args(["train", "--out", "unused", *flags])
+
+
+def test_the_command_line_imports_no_torch_and_stops_bad_flags_in_one_line(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "import branchserve.training.config\n"
+        "from branchserve.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    bad = ["train", "--out", str(tmp_path / "run"), "--weighting", "1,1,x"]
+    proc = subprocess.run([sys.executable, "-c", script, *bad], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "branchserve train: weighting: expected one of equal, seed, increasing, decreasing "
+        "or weights such as 1,1,1,2, got '1,1,x'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--epochs", "1"],
+            "joint+finetune needs finetune_epochs (2) < epochs (1): "
+            "raise --epochs, lower --finetune-epochs or use --schedule joint",
+        ),
+        (
+            ["--weighting", "0,0,0,0"],
+            "weighting: loss weights must be non-negative with a positive sum, got [0.0, 0.0, 0.0, 0.0]",
+        ),
+        (
+            ["--weighting", "foo"],
+            "weighting: expected one of equal, seed, increasing, decreasing or weights such as 1,1,1,2, got 'foo'",
+        ),
+        (["--positions", "2,5,9"], "positions: the last exit must sit after the last block, 7, got (2, 5, 9)"),
+        (["--widths", "16,16"], "widths: need 8 positive block widths, got [16, 16]"),
+        (["--widths", "16,x"], "widths: expected block widths such as 32,32,48,48,96,96,96,96, got '16,x'"),
+        (
+            ["--epochs", "0", "--lr", "-1"],
+            "epochs: Input should be greater than or equal to 1; lr: Input should be greater than 0",
+        ),
+    ],
+)
+def test_bad_flags_stop_in_one_line_before_any_data_loads(tmp_path: Path, flags: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as stopped:  # a missing dataset would say so if it were read first
+        main(["train", "--out", str(tmp_path / "run"), "--fmnist-dir", str(tmp_path / "absent"), *flags])
+    assert stopped.value.code == f"branchserve train: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_flag_states_its_default_and_regime_flags_come_from_the_config() -> None:
+    commands = subcommands()
+    for command in ("train", "export", "analyze", "study"):
+        for action in commands[command]._actions:
+            if action.option_strings and not action.required and action.dest != "help":
+                assert "(default" in (action.help or ""), f"{command} {action.option_strings[0]} states no default"
+    train = {action.dest: action for action in commands["train"]._actions}
+    for name, field in RegimeConfig.model_fields.items():
+        assert f"(default {field.default}" in (train[name].help or ""), name
+        if get_origin(field.annotation) is Literal:
+            assert tuple(train[name].choices or ()) == get_args(field.annotation), name
+    assert "(default 4, unbranched: 1)" in (train["branches"].help or "")
+    assert tuple(train["preset"].choices or ()) == tuple(PRESETS)
+
+
+def test_quick_keeps_every_preset_valid_and_flags_still_win() -> None:
+    for preset in PRESETS:
+        cfg, _ = regime(train_flags("--quick", "--preset", preset))
+        assert cfg.epochs == QUICK_REGIME["epochs"]
+    for scope_or_schedule in (["--finetune-scope", "all"], ["--schedule", "backbone-first"]):
+        cfg, _ = regime(train_flags("--quick", *scope_or_schedule))
+        assert sum(p.epochs for p in phases(cfg, BranchedNet(arch_for(cfg, TINY)))) == cfg.epochs
+    cfg, widths = regime(train_flags("--quick", "--epochs", "5", "--widths", "8,8,8,8,8,8,8,8"))
+    assert (cfg.epochs, cfg.finetune_epochs, widths) == (5, 1, [8] * 8)
+
+
+def test_quick_trial_is_limited_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "try"
+    flags = ["--train-limit", "256", "--eval-limit", "100", "--batch-size", "64", "--widths", "8,8,8,8,8,8,8,8"]
+    main(["train", "--quick", *flags, "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert (printed["train_limit"], printed["eval_limit"]) == (256, 100)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["data"]["train_limit"], summary["data"]["eval_limit"]) == (256, 100)
+    assert (summary["data"]["val"], summary["data"]["test"]) == (10_000, 10_000)  # the splits, whole
+    assert [(p["name"], p["epochs"]) for p in summary["phases"]] == [("joint", 2), ("finetune", 1)]
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    for accuracy in summary["val_accuracy"] + summary["test_accuracy"]:
+        assert round(accuracy * 100, 4).is_integer()  # scored on 100 images
+
+
+def test_export_names_the_version_serve_will_pick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for version in ("1", "3", ".export-4"):
+        (tmp_path / "models" / "shoes" / version).mkdir(parents=True)
+    repo = Path("models")  # serve's default: no --repository needed
+    assert serving_hint(repo, repo / "shoes" / "3") == (
+        "shoes/3 is now the latest version of shoes: `branchserve serve` will serve it"
+    )
+    assert serving_hint(repo, repo / "shoes" / "1") == (
+        "shoes/1 is not the latest version of shoes: `branchserve serve` will serve shoes/3"
+    )
+    other = tmp_path / "models"
+    assert serving_hint(other, other / "shoes" / "3").endswith(
+        f"`branchserve serve --repository {other}` will serve it"
+    )

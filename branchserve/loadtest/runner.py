@@ -70,7 +70,7 @@ FULL_DEPTH_ENV = {
 
 def run_locust(target: Target, model: str, out: Path, label: str, args: list[str], files: list[Path]) -> Path:
     """One headless locust run; returns the per-request results file. Reports go to out/<target>/<label>*."""
-    folder = out / target.name
+    folder = out.resolve() / target.name  # absolute: locust may resolve paths elsewhere
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / f"{label}-requests.json"
     results.unlink(missing_ok=True)  # a stale file must not pass for this run's
@@ -81,7 +81,7 @@ def run_locust(target: Target, model: str, out: Path, label: str, args: list[str
         "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0", "--stop-timeout", "5", *args,
     ]  # fmt: skip
     with (folder / f"{label}-locust.log").open("w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, cwd=LOADTEST_DIR.parent)
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0 or not results.exists():
         tail = (folder / f"{label}-locust.log").read_text()[-3000:]
         raise LoadTestError(f"locust failed on {target.name} ({label}), exit {done.returncode}:\n{tail}")

@@ -19,19 +19,10 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 from tqdm import tqdm
 
+from branchserve.training.config import AnalysisSettings
 from branchserve.training.data import Split
 from branchserve.training.model import BranchedNet
 from branchserve.training.train import SUMMARY, load_model
-
-
-class AnalysisSettings(BaseModel):
-    """What the metrics were computed on; stored with every result so numbers can be compared."""
-
-    probe_train: int = Field(5000, ge=2, description="validation images that train each probe")
-    probe_test: int = Field(5000, ge=1, description="further validation images that score it")
-    pool: int = Field(1, ge=1, description="block outputs are average-pooled to pool×pool and flattened (1: global)")
-    probe_l2: float = Field(1e-3, ge=0, description="L2 penalty of the probe's logistic regression")
-    probe_iters: int = Field(200, ge=1, description="L-BFGS iterations per probe")
 
 
 class LayerMetrics(BaseModel):

@@ -1,7 +1,8 @@
 """Datasets held in memory as tensors: Fashion-MNIST from its IDX files, or a folder per class.
 
 Every split is fixed by a seed, so validation (which calibrates exits later) and test (which is
-never used for a choice) stay the same across runs, presets and machines.
+never used for a choice) stay the same across runs, presets and machines. A loaded dataset keeps
+its `DataSource`, which a run records so that export loads the very same splits again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from branchserve.fmnist import LABELS as FMNIST_LABELS
 from branchserve.fmnist import DataError, fmnist_dir, read_split
 from branchserve.repo.imaging import ImageError, image_to_input, open_image
 from branchserve.repo.manifest import InputSpec
+from branchserve.training.config import DataSource
 
 FMNIST_INPUT = InputSpec(shape=(1, 28, 28), color_mode="L", mean=0.2860, std=0.3530)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -42,9 +44,17 @@ class Dataset:
     train: Split
     val: Split
     test: Split
+    source: DataSource | None = None
+    """None for a dataset made in memory, which no source reproduces."""
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def load_data(source: DataSource) -> Dataset:
+    if source.kind == "image-folder":
+        return load_image_folder(source.path, split_seed=source.split_seed)
+    return load_fashion_mnist(source.path, split_seed=source.split_seed)
 
 
 def _normalise(pixels: np.ndarray, spec: InputSpec) -> Tensor:
@@ -70,7 +80,10 @@ def load_fashion_mnist(root: Path | None = None, n_val: int = 10_000, split_seed
     def split(xs: np.ndarray, ys: np.ndarray) -> Split:
         return Split(_normalise(xs, spec), torch.from_numpy(ys))
 
-    return Dataset("fashion-mnist", FMNIST_LABELS, spec, split(x[tr], y[tr]), split(x[va], y[va]), split(xt, yt))
+    source = DataSource(kind="fashion-mnist", path=root.resolve(), split_seed=split_seed)
+    return Dataset(
+        "fashion-mnist", FMNIST_LABELS, spec, split(x[tr], y[tr]), split(x[va], y[va]), split(xt, yt), source
+    )
 
 
 def load_image_folder(
@@ -104,7 +117,8 @@ def load_image_folder(
         raise DataError(f"{root}: {n} images are too few to split into train/validation/test")
     perm = torch.from_numpy(np.random.default_rng(split_seed).permutation(n))
     te, va, tr = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
-    return Dataset(root.name, classes, spec, Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]))
+    source = DataSource(kind="image-folder", path=root.resolve(), split_seed=split_seed)
+    return Dataset(root.name, classes, spec, Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), source)
 
 
 def augment(x: Tensor, generator: torch.Generator, pad: int = 1) -> Tensor:

@@ -7,38 +7,10 @@ stage k ends at exit k, which is how export splits the graph.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-
 import torch
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """Backbone shape: one (width, stride) pair per block, after a stem of `stem_width` channels."""
-
-    in_channels: int = 1
-    image_size: int = 28
-    num_classes: int = 10
-    stem_width: int = 16
-    blocks: tuple[tuple[int, int], ...] = ((24, 2), (24, 1), (48, 2), (48, 1), (96, 2), (96, 1), (96, 1), (96, 1))
-    exits: tuple[int, ...] = (1, 3, 5, 7)
-    head_conv_width: int = 48
-    head_pool: int = 4
-
-    def with_widths(self, widths: Sequence[int]) -> ArchConfig:
-        """The same backbone with other block widths (strides unchanged)."""
-        if len(widths) != len(self.blocks) or min(widths) < 1:
-            raise ValueError(f"need {len(self.blocks)} positive block widths, got {list(widths)}")
-        return replace(self, blocks=tuple((w, stride) for w, (_, stride) in zip(widths, self.blocks, strict=True)))
-
-
-def equidistant_positions(num_blocks: int, num_exits: int) -> tuple[int, ...]:
-    """Exit k sits after block round((k+1)·B/N) − 1, so the last exit is always the last block."""
-    if not 1 <= num_exits <= num_blocks:
-        raise ValueError(f"need 1..{num_blocks} exits for {num_blocks} blocks, got {num_exits}")
-    return tuple(round((k + 1) * num_blocks / num_exits) - 1 for k in range(num_exits))
+from branchserve.training.config import ArchConfig
 
 
 class BasicBlock(nn.Module):
@@ -79,11 +51,7 @@ class BranchedNet(nn.Module):
 
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
-        if not arch.exits or arch.exits[-1] != len(arch.blocks) - 1:
-            raise ValueError("the last exit must sit after the last block")
-        if list(arch.exits) != sorted(set(arch.exits)) or arch.exits[0] < 0:
-            raise ValueError(f"exit positions must be increasing block indices, got {arch.exits}")
-        self.arch = arch
+        self.arch = arch.checked()
         self.stem = nn.Sequential(
             nn.Conv2d(arch.in_channels, arch.stem_width, 3, 1, 1, bias=False),
             nn.BatchNorm2d(arch.stem_width),

@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from branchserve.training.analysis import Analysis, ModelAnalysis, relative_change
-from branchserve.training.study import CellResult, StudySpec
+from branchserve.training.config import StudySpec
+from branchserve.training.study import CellResult
 
 DPI = 90
 
@@ -109,43 +110,49 @@ def analysis_markdown(analysis: Analysis) -> str:
         ]
         lines.append(_table(["block", "shape", "probe acc. (%)", "R²"], rows))
     else:
-        cross = np.diag(np.array(analysis.cross_cka))
-        rows = [
-            [
-                str(a.block) + (" (exit)" if a.block in m.exits else ""),
-                f"{a.channels}×{a.resolution}²",
-                _pct(a.probe_accuracy),
-                _pct(b.probe_accuracy),
-                _change(relative_change(a.probe_accuracy, b.probe_accuracy)),
-                f"{a.r2:.4f}",
-                f"{b.r2:.4f}",
-                _change(relative_change(a.r2, b.r2)),
-                f"{cross[a.block]:.3f}",
-            ]
-            for a, b in zip(m.layers, ref.layers, strict=True)
-        ]
-        header = [
-            "block",
-            "shape",
-            f"probe {m.run} (%)",
-            f"probe {ref.run} (%)",
-            "Δ probe",
-            f"R² {m.run}",
-            f"R² {ref.run}",
-            "Δ R²",
-            "CKA between",
-        ]
-        lines += [
-            _table(header, rows),
-            "",
-            "Δ is the relative change of the first model against the second, (a − b) / b. "
-            "'CKA between' is linear CKA of the same block in the two models.",
-            "",
-            f"Probe-accuracy AUC (area under accuracy against normalised depth): {m.run} {m.probe_auc:.4f}, "
-            f"{ref.run} {ref.probe_auc:.4f} ({_change(relative_change(m.probe_auc, ref.probe_auc))}).",
-        ]
+        lines += _comparison(analysis, ref)
     lines += ["", "![metrics by depth](depth.png)", "", "![CKA heat-maps](cka.png)", ""]
     return "\n".join(lines)
+
+
+def _comparison(analysis: Analysis, ref: ModelAnalysis) -> list[str]:
+    """Layer-by-layer table of the model against the reference, and the probe AUCs."""
+    m = analysis.model
+    cross = np.diag(np.array(analysis.cross_cka))
+    rows = [
+        [
+            str(a.block) + (" (exit)" if a.block in m.exits else ""),
+            f"{a.channels}×{a.resolution}²",
+            _pct(a.probe_accuracy),
+            _pct(b.probe_accuracy),
+            _change(relative_change(a.probe_accuracy, b.probe_accuracy)),
+            f"{a.r2:.4f}",
+            f"{b.r2:.4f}",
+            _change(relative_change(a.r2, b.r2)),
+            f"{cross[a.block]:.3f}",
+        ]
+        for a, b in zip(m.layers, ref.layers, strict=True)
+    ]
+    header = [
+        "block",
+        "shape",
+        f"probe {m.run} (%)",
+        f"probe {ref.run} (%)",
+        "Δ probe",
+        f"R² {m.run}",
+        f"R² {ref.run}",
+        "Δ R²",
+        "CKA between",
+    ]
+    return [
+        _table(header, rows),
+        "",
+        "Δ is the relative change of the first model against the second, (a − b) / b. "
+        "'CKA between' is linear CKA of the same block in the two models.",
+        "",
+        f"Probe-accuracy AUC (area under accuracy against normalised depth): {m.run} {m.probe_auc:.4f}, "
+        f"{ref.run} {ref.probe_auc:.4f} ({_change(relative_change(m.probe_auc, ref.probe_auc))}).",
+    ]
 
 
 def write_analysis(analysis: Analysis, out: Path) -> Path:
@@ -191,7 +198,7 @@ def study_table(results: list[CellResult], budget: float) -> str:
             _pct(r.final_accuracy),
             "–" if r.at_budget is None else f"{_pct(r.at_budget.accuracy)} ({r.at_budget.cost:.2f})",
             f"{r.probe_auc:.4f}",
-            f"{r.wall_time_s / 60:.1f}",
+            f"{r.wall_time_s:.0f}",
         ]
         for i, r in enumerate(results, 1)
     ]
@@ -202,7 +209,7 @@ def study_table(results: list[CellResult], budget: float) -> str:
         "final exit (%)",
         f"acc. at cost ≤ {budget:g} (cost)",
         "probe AUC",
-        "wall min",
+        "wall s",
     ]
     return _table(header, rows)
 
@@ -218,10 +225,11 @@ def study_markdown(results: list[CellResult], spec: StudySpec, out: Path) -> str
         + (f"trained on the first {spec.train_limit} training images." if spec.train_limit else "full training split.")
         + " Cells are ranked by test accuracy of early exiting at an expected cost of at most "
         f"{spec.cost_budget:g} × the unbranched model's MACs: the frontier is searched on validation with "
-        "`server.frontier.search` (the search export uses), the most accurate point whose validation cost fits "
+        "`branchserve.repo.frontier.search` (the search export uses), the most accurate point whose validation cost fits "
         "the budget is chosen, and it is scored on test (the realised test cost in brackets). "
         f"Probe AUC: area under linear-probe accuracy against normalised depth, probes trained on {a.probe_train} "
-        f"and scored on {a.probe_test} validation images.",
+        f"and scored on {a.probe_test} validation images. Wall s: seconds a cell took to train (its epochs) "
+        "and to score (probes and frontier).",
         "",
         study_table(results, spec.cost_budget),
         "",

@@ -8,8 +8,8 @@ interrupted study resumes mid-cell and a finished cell (score.json present) is n
 
 from __future__ import annotations
 
-import itertools
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,10 +21,10 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from branchserve.repo.frontier import ExitScores, expected_cost, full_thresholds, score, search
-from branchserve.training.analysis import AnalysisSettings, ModelAnalysis, analyze_model, probe_subset
+from branchserve.training.analysis import ModelAnalysis, analyze_model, probe_subset
+from branchserve.training.config import ArchConfig, GridValue, StudySpec, cell_name
 from branchserve.training.data import Dataset, Split
-from branchserve.training.model import ArchConfig, BranchedNet
-from branchserve.training.regime import PRESETS, RegimeConfig
+from branchserve.training.model import BranchedNet
 from branchserve.training.train import load_model, train
 
 SPEC = "spec.json"
@@ -33,39 +33,6 @@ RESULTS = "results.json"
 LOG_VAL = 2000
 """Validation images a cell's per-epoch log is scored on: the log steers nothing, and scoring the full
 split after every epoch would cost a study about a third of its time. Scoring a cell uses all of it."""
-
-GridValue = str | int | float | list[int] | list[float]
-
-
-class StudySpec(BaseModel):
-    """Everything that decides a study's numbers; a rerun into the same folder must match it."""
-
-    grid: dict[str, list[GridValue]]
-    preset: str = "progressive"
-    epochs: int = Field(6, ge=1)
-    seed: int = 0
-    train_limit: int | None = Field(None, ge=1)
-    cost_budget: float = Field(0.5, gt=0, description="expected-cost budget as a share of the unbranched model's MACs")
-    analysis: AnalysisSettings = AnalysisSettings(probe_train=2500, probe_test=2500)
-
-    def cells(self) -> list[dict[str, GridValue]]:
-        keys = list(self.grid)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
-
-    def command(self, out: Path) -> str:
-        """The `branchserve study` command line that reproduces this study."""
-        grid = " ".join(f"{k}={','.join(_show(v, ':') for v in vs)}" for k, vs in self.grid.items())
-        a = self.analysis
-        return (
-            f"branchserve study --grid {grid} --preset {self.preset} --epochs {self.epochs} --seed {self.seed}"
-            + (f" --train-limit {self.train_limit}" if self.train_limit else "")
-            + f" --cost-budget {self.cost_budget:g} --probe-train {a.probe_train} --probe-test {a.probe_test}"
-            + (f" --pool {a.pool}" if a.pool != 1 else "")
-            + f" --out {out}"
-        )
-
-    def config(self, cell: dict[str, GridValue]) -> RegimeConfig:
-        return RegimeConfig(**{**PRESETS[self.preset], "epochs": self.epochs, "seed": self.seed, **cell})
 
 
 class FrontierPoint(BaseModel):
@@ -89,44 +56,7 @@ class CellResult(BaseModel):
     analysis: ModelAnalysis
     at_budget: FrontierPoint | None = Field(description="most accurate point on validation within the cost budget")
     frontier: list[FrontierPoint]
-    wall_time_s: float
-
-
-def parse_grid(items: list[str]) -> dict[str, list[GridValue]]:
-    """`key=v1,v2` per axis; a list value (positions, weights) joins its numbers with ':', e.g. 1:3:5:7."""
-    grid: dict[str, list[GridValue]] = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.replace("-", "_")
-        if not sep or not values:
-            raise ValueError(f"grid axis {item!r} is not key=value[,value...]")
-        if key not in RegimeConfig.model_fields:
-            raise ValueError(f"{key!r} is not a regime field; choose from {', '.join(RegimeConfig.model_fields)}")
-        grid[key] = [_value(v) for v in values.split(",")]
-    if not grid:
-        raise ValueError("the grid is empty")
-    return grid
-
-
-def _value(text: str) -> GridValue:
-    if ":" in text:
-        numbers = [float(v) for v in text.split(":")]
-        return [int(v) for v in numbers] if all(v.is_integer() for v in numbers) else numbers
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def cell_name(cell: dict[str, GridValue]) -> str:
-    """A folder-safe name: weighting-equal_schedule-joint."""
-    return "_".join(f"{k}-{_show(v, '-')}" for k, v in cell.items())
-
-
-def _show(v: GridValue, sep: str) -> str:
-    return sep.join(f"{x:g}" for x in v) if isinstance(v, list) else str(v)
+    wall_time_s: float = Field(description="seconds spent on the cell: its training epochs, then scoring it")
 
 
 @torch.no_grad()
@@ -138,7 +68,7 @@ def exit_scores(model: BranchedNet, split: Split, batch_size: int = 1000) -> Exi
 
 def frontier(val: ExitScores, test: ExitScores, stage_costs: list[float], reference: float) -> list[FrontierPoint]:
     """The early-exit frontier export would serve: thresholds searched on validation by
-    `server.frontier.search`, plus the full-depth point, each scored on validation and on test."""
+    `branchserve.repo.frontier.search`, plus the full-depth point, each scored on validation and on test."""
     n_exits = val.confidence.shape[0]
     found = search(val, stage_costs)[0] if n_exits > 1 else []
     rows = np.stack([*(t for _, t in found), full_thresholds(n_exits)])
@@ -174,6 +104,7 @@ def score_cell(
     progress: bool = True,
 ) -> CellResult:
     """Probe the cell's blocks and search its early-exit frontier on validation, then score on test."""
+    started = time.perf_counter()
     analysis, _ = analyze_model(
         model, probe_subset(data.val, spec.analysis), spec.analysis, name, summary["test_accuracy"], progress
     )
@@ -191,7 +122,7 @@ def score_cell(
         analysis=analysis,
         at_budget=best_within(points, spec.cost_budget),
         frontier=points,
-        wall_time_s=summary["wall_time_s"],
+        wall_time_s=summary["wall_time_s"] + time.perf_counter() - started,
     )
 
 
@@ -221,7 +152,7 @@ def run_study(
     base_arch: ArchConfig | None = None,
     threads: int | None = None,
     progress: bool = True,
-    after_cell: Callable[[list[CellResult]], None] | None = None,
+    after_cell: Callable[[list[CellResult]], object] | None = None,
 ) -> list[CellResult]:
     """Train and score every unfinished cell, then return all cells ranked (also written to results.json).
 

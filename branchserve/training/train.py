@@ -8,34 +8,30 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from branchserve.training.config import ArchConfig, RegimeConfig, arch_for
 from branchserve.training.data import Dataset, Split, augment
-from branchserve.training.model import ArchConfig, BranchedNet, stage_macs
-from branchserve.training.regime import Phase, RegimeConfig, arch_for, phases
+from branchserve.training.model import BranchedNet, stage_macs
+from branchserve.training.provenance import checkout
+from branchserve.training.regime import Phase, phases
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 LOG = "log.jsonl"
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout the code runs from, with "-dirty" when it has uncommitted changes."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here).stdout
-    except OSError:
-        return None
-    return (head + ("-dirty" if dirty.strip() else "")) or None
+class ResumeError(ValueError):
+    """`--resume` into a run folder whose checkpoint was trained with another configuration."""
 
 
 def set_trainable(model: BranchedNet, phase: Phase) -> list[nn.Parameter]:
@@ -124,6 +120,17 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
+@dataclass
+class RunState:
+    """Where a run stands after its last finished epoch; what a checkpoint holds besides the weights."""
+
+    epoch: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    phase: str | None = None
+    optimizer: dict[str, Any] | None = None
+
+
 def train(
     cfg: RegimeConfig,
     data: Dataset,
@@ -133,108 +140,144 @@ def train(
     resume: bool = False,
     threads: int | None = None,
     train_limit: int | None = None,
+    eval_limit: int | None = None,
     progress: bool = True,
-) -> dict[str, object]:
-    """Train (or resume) a run in `out`; returns the summary also written to `out/summary.json`."""
+) -> dict[str, Any]:
+    """Train (or resume) a run in `out`; returns the summary also written to `out/summary.json`.
+
+    `train_limit` trains on the first N training images and `eval_limit` scores validation and
+    test on their first N only: quick trials, recorded as such in the summary.
+    """
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     base = base_arch or ArchConfig(
         in_channels=data.input.shape[0], image_size=data.input.shape[1], num_classes=len(data.labels)
     )
-    if widths:
-        base = base.with_widths(widths)
-    arch = arch_for(cfg, base)
     torch.manual_seed(cfg.seed)
-    model = BranchedNet(arch).to(memory_format=torch.channels_last)
+    model = BranchedNet(arch_for(cfg, base.with_widths(widths) if widths else base))
+    model = model.to(memory_format=torch.channels_last)
     plan = phases(cfg, model)
-    train_split = data.train.head(train_limit)
-    steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+    state = restore(model, cfg, out) if resume else RunState()
+    (out / LOG).write_text("".join(json.dumps(row) + "\n" for row in state.history))  # what the checkpoint holds
 
-    start_epoch, elapsed, history = 0, 0.0, []
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != cfg.model_dump():
-            raise ValueError(f"{ckpt_path} was trained with another configuration; drop --resume or use a new --out")
-        model.load_state_dict(ckpt["model"])
-        start_epoch, elapsed, history = ckpt["epoch"], ckpt["elapsed_s"], ckpt["history"]
-    elif (out / LOG).exists():
-        (out / LOG).unlink()
-
-    total_epochs = sum(p.epochs for p in plan)
-    bar = tqdm(total=total_epochs, initial=start_epoch, desc=out.name, unit="epoch", disable=not progress)
-    epoch = 0
+    train_split, val = data.train.head(train_limit), data.val.head(eval_limit)
+    bar = tqdm(
+        total=sum(p.epochs for p in plan), initial=state.epoch, desc=out.name, unit="epoch", disable=not progress
+    )
+    first_epoch = 0
     for phase in plan:
-        params = set_trainable(model, phase)
-        opt = make_optimizer(params, cfg, phase.lr)
-        phase_steps = phase.epochs * steps_per_epoch
-        for e in range(phase.epochs):
-            if epoch < start_epoch:
-                epoch += 1
-                continue
-            if (
-                epoch == start_epoch
-                and resume
-                and start_epoch
-                and ckpt.get("optimizer")
-                and ckpt["phase"] == phase.name
-            ):
-                opt.load_state_dict(ckpt["optimizer"])
-            t0 = time.perf_counter()
-            loss = train_epoch(model, phase, opt, train_split, cfg, epoch, e * steps_per_epoch, phase_steps)
-            val = evaluate(model, data.val)
-            elapsed += time.perf_counter() - t0
-            epoch += 1
-            row = {
-                "epoch": epoch,
-                "phase": phase.name,
-                "loss": loss,
-                "val_accuracy": val,
-                "elapsed_s": elapsed,
-            }
-            history.append(row)
-            with (out / LOG).open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            torch.save(
-                {
-                    "config": cfg.model_dump(),
-                    "arch": arch.__dict__,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "phase": phase.name,
-                    "epoch": epoch,
-                    "elapsed_s": elapsed,
-                    "history": history,
-                    "labels": data.labels,
-                    "input": data.input.model_dump(),
-                },
-                ckpt_path.with_suffix(".tmp"),
-            )
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-            bar.set_postfix_str(phase.name + " val " + " ".join(f"{a:.3f}" for a in val))
+        for val_accuracy in run_phase(model, phase, first_epoch, cfg, train_split, val, state):
+            save_checkpoint(out, model, cfg, data, state)
+            bar.set_postfix_str(phase.name + " val " + " ".join(f"{a:.3f}" for a in val_accuracy))
             bar.update(1)
+        first_epoch += phase.epochs
     bar.close()
 
-    summary = {
-        "config": cfg.model_dump(),
-        "arch": arch.__dict__,
-        "phases": [p.__dict__ for p in plan],
-        "data": data.describe(),
-        "val_accuracy": evaluate(model, data.val),
-        "test_accuracy": evaluate(model, data.test),
-        "stage_macs": stage_macs(model),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": epoch,
-        "wall_time_s": round(elapsed, 1),
-        "torch_threads": torch.get_num_threads(),
-        "commit": git_commit(),
-    }
+    summary = summarize(cfg, model, plan, data, state, train_limit, eval_limit)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def load_model(run_dir: Path) -> tuple[BranchedNet, dict[str, object]]:
+def run_phase(
+    model: BranchedNet,
+    phase: Phase,
+    first_epoch: int,
+    cfg: RegimeConfig,
+    train_split: Split,
+    val: Split,
+    state: RunState,
+) -> Iterator[list[float]]:
+    """Train the epochs of `phase` that `state` has not done yet, updating `state` after each; yields
+    each epoch's validation accuracy per exit, so the caller can checkpoint and report."""
+    done = state.epoch - first_epoch
+    if done >= phase.epochs:
+        return
+    opt = make_optimizer(set_trainable(model, phase), cfg, phase.lr)
+    if done > 0 and state.phase == phase.name and state.optimizer:
+        opt.load_state_dict(state.optimizer)  # resuming mid-phase: momentum as it was
+    steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+    for e in range(done, phase.epochs):
+        t0 = time.perf_counter()
+        loss = train_epoch(
+            model, phase, opt, train_split, cfg, first_epoch + e, e * steps_per_epoch, phase.epochs * steps_per_epoch
+        )
+        val_accuracy = evaluate(model, val)
+        state.elapsed_s += time.perf_counter() - t0
+        state.epoch, state.phase, state.optimizer = first_epoch + e + 1, phase.name, opt.state_dict()
+        state.history.append(
+            {
+                "epoch": state.epoch,
+                "phase": phase.name,
+                "loss": loss,
+                "val_accuracy": val_accuracy,
+                "elapsed_s": state.elapsed_s,
+            }
+        )
+        yield val_accuracy
+
+
+def save_checkpoint(out: Path, model: BranchedNet, cfg: RegimeConfig, data: Dataset, state: RunState) -> None:
+    """Weights and run state after an epoch, written atomically; the epoch's log line goes out with it."""
+    path = out / CHECKPOINT
+    checkpoint = {
+        "config": cfg.model_dump(),
+        "arch": asdict(model.arch),
+        "model": model.state_dict(),
+        **vars(state),
+        "labels": data.labels,
+        "input": data.input.model_dump(),
+    }
+    torch.save(checkpoint, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    with (out / LOG).open("a") as f:
+        f.write(json.dumps(state.history[-1]) + "\n")
+
+
+def restore(model: BranchedNet, cfg: RegimeConfig, out: Path) -> RunState:
+    """Load the run folder's checkpoint into `model`, if there is one, and return where it stood."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return RunState()
+    ckpt = torch.load(path, weights_only=False)
+    if ckpt["config"] != cfg.model_dump():
+        raise ResumeError(f"{path} was trained with another configuration; drop --resume or use a new --out")
+    model.load_state_dict(ckpt["model"])
+    return RunState(ckpt["epoch"], ckpt["elapsed_s"], ckpt["history"], ckpt["phase"], ckpt.get("optimizer"))
+
+
+def summarize(
+    cfg: RegimeConfig,
+    model: BranchedNet,
+    plan: list[Phase],
+    data: Dataset,
+    state: RunState,
+    train_limit: int | None,
+    eval_limit: int | None,
+) -> dict[str, Any]:
+    """Everything a finished run is: what export reads back, and what a reader needs to reproduce it."""
+    return {
+        "config": cfg.model_dump(),
+        "arch": asdict(model.arch),
+        "phases": [asdict(p) for p in plan],
+        "data": {
+            **data.describe(),
+            "source": data.source.model_dump(mode="json") if data.source else None,
+            "train_limit": train_limit,
+            "eval_limit": eval_limit,
+        },
+        "val_accuracy": evaluate(model, data.val.head(eval_limit)),
+        "test_accuracy": evaluate(model, data.test.head(eval_limit)),
+        "stage_macs": stage_macs(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": state.epoch,
+        "wall_time_s": round(state.elapsed_s, 1),
+        "torch_threads": torch.get_num_threads(),
+        **asdict(checkout()),
+    }
+
+
+def load_model(run_dir: Path) -> tuple[BranchedNet, dict[str, Any]]:
     """Rebuild a trained model from a run folder's checkpoint, in eval mode."""
     path = run_dir / CHECKPOINT
     if not path.is_file():

@@ -1,0 +1,126 @@
+"""Calibration on the validation split: each exit's confidence and accuracy, and the frontier of
+operating points the server chooses from. The test split is scored beside every figure and never
+used for a choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from branchserve.repo.frontier import (
+    ExitScores,
+    SearchSettings,
+    cheapest_within,
+    expected_cost,
+    full_thresholds,
+    score,
+    search,
+)
+from branchserve.repo.manifest import CalibrationBin, ConfidenceKind, CostProfile, OperatingPoint
+from branchserve.training.data import Split
+from branchserve.training.export import ExportError
+from branchserve.training.export.graphs import logits_name
+
+FINAL, NEAR_FINAL = "final", "near-final"
+
+
+def exit_scores(
+    full: ort.InferenceSession,
+    n: int,
+    split: Split,
+    confidence: ConfidenceKind,
+    desc: str,
+    progress: bool,
+    batch: int = 500,
+) -> ExitScores:
+    """Every exit's confidence and correctness on a whole split, from the exported graph (what the server runs)."""
+    logits: list[list[np.ndarray]] = [[] for _ in range(n)]
+    name = full.get_inputs()[0].name
+    for i in tqdm(range(0, len(split), batch), desc=desc, unit="batch", leave=False, disable=not progress):
+        for k, z in enumerate(full.run([logits_name(j) for j in range(n)], {name: split.x[i : i + batch].numpy()})):
+            logits[k].append(z)
+    return ExitScores.from_logits([np.concatenate(z) for z in logits], split.y.numpy(), confidence)
+
+
+def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[CalibrationBin]:
+    """Accuracy per equal-width confidence bin on [0, 1] (the last bin includes 1)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, bins - 1)
+    return [
+        CalibrationBin(
+            lower=float(edges[b]),
+            upper=float(edges[b + 1]),
+            count=int((which == b).sum()),
+            accuracy=float(correct[which == b].mean()) if (which == b).any() else None,
+        )
+        for b in range(bins)
+    ]
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything an export chooses besides the run and the data; recorded in provenance."""
+
+    confidence: ConfidenceKind = "max_softmax"
+    search: SearchSettings = field(default_factory=SearchSettings)
+    default_tolerance: float = 0.003
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    latency_runs: int = 2000
+    numerics_batch: int = 256
+
+
+def frontier_points(
+    val: ExitScores, test: ExitScores, macs: list[float], cost: CostProfile, settings: ExportSettings
+) -> tuple[list[OperatingPoint], str]:
+    """The searched frontier plus the full-depth point, scored on val, held-out half and test; and the default."""
+    found, half_b = search(val, macs, settings.search)
+    n = val.confidence.shape[0]
+    found.append(("full", full_thresholds(n)))
+    rows = np.stack([t for _, t in found])
+    val_acc, val_frac = score(val, rows)
+    hold_acc, _ = score(val.take(half_b), rows)
+    test_acc, test_frac = score(test, rows)
+    batch1 = cost.at_batch(1)
+    points = []
+    order = np.argsort([expected_cost(f, macs) for f in val_frac], kind="stable")
+    for rank, i in enumerate(order):
+        kind = found[i][0]
+        latency = expected_cost(val_frac[i], batch1.stage_ms)
+        points.append(
+            OperatingPoint(
+                name=FINAL if kind == "full" else f"{kind}-{rank:02d}",
+                search=kind,
+                thresholds=[float(t) for t in rows[i]],
+                val_accuracy=float(val_acc[i]),
+                holdout_accuracy=float(hold_acc[i]),
+                test_accuracy=float(test_acc[i]),
+                exit_fractions=[float(f) for f in val_frac[i]],
+                test_exit_fractions=[float(f) for f in test_frac[i]],
+                expected_macs=expected_cost(val_frac[i], macs),
+                expected_latency_ms=latency,
+                relative_cost=latency / batch1.full_graph_ms,
+            )
+        )
+    final_acc = float(val.correct[-1].mean())
+    default = cheapest_within(points, final_acc, settings.default_tolerance)
+    if default.name != FINAL:
+        points = [p.model_copy(update={"name": NEAR_FINAL}) if p is default else p for p in points]
+        return points, NEAR_FINAL
+    return points, FINAL
+
+
+def check_split(val: ExitScores, summary: dict[str, Any]) -> None:
+    """The exits must score what they scored in training on the validation images training scored
+    (the first `eval_limit`, or all), or this is not the split the run used."""
+    scored = summary["data"].get("eval_limit") or val.correct.shape[1]
+    measured, trained = val.correct[:, :scored].mean(axis=1), np.asarray(summary["val_accuracy"])
+    if np.abs(measured - trained).max() > 2 / scored:  # a near-tie may flip between torch and ORT
+        raise ExportError(
+            f"exits score {np.round(measured, 4).tolist()} on this validation split but "
+            f"{np.round(trained, 4).tolist()} in training: is it the split the run used (--split-seed)?"
+        )
