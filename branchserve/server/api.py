@@ -35,7 +35,7 @@ from branchserve.server.schemas import (
     PredictBody,
     PredictResponse,
 )
-from branchserve.server.state import ServerState, admin, client, served_model
+from branchserve.server.state import ServerState, administered_model, client, served_model
 from branchserve.server.transport import READY_AT, TIMED_OUT
 
 log = logging.getLogger("branchserve")
@@ -176,11 +176,10 @@ async def get_operating_point(model: Annotated[ServedModel, Depends(served_model
     "/v1/models/{name}/operating-point",
     response_model=CurrentOperatingPoint,
     responses=errors(400, 401, 403, 404, 422),
-    dependencies=[Depends(admin)],
     summary="Admin: set the server's operating point (needs BRANCHSERVE_ADMIN_TOKEN; disabled without one)",
 )
 async def set_operating_point(
-    policy: Policy, model: Annotated[ServedModel, Depends(served_model)]
+    policy: Policy, model: Annotated[ServedModel, Depends(administered_model)]
 ) -> CurrentOperatingPoint:
     try:
         model.set_policy(policy)

@@ -50,5 +50,11 @@ async def served_model(name: str, server: Annotated[ServerState, Depends(client)
     return server.model(name)
 
 
-async def admin(request: Request, server: Annotated[ServerState, Depends(state)]) -> None:
+async def admin(request: Request, server: Annotated[ServerState, Depends(state)]) -> ServerState:
+    """The state, once the request has shown the admin token (admin routes need no API key)."""
     server.admin_token.check(request)
+    return server
+
+
+async def administered_model(name: str, server: Annotated[ServerState, Depends(admin)]) -> ServedModel:
+    return server.model(name)
