@@ -13,8 +13,9 @@ judged by its *sojourn*, the time from its last byte arriving to its work starti
   `target` until one starts within it.
 
 The door counts a predict request once its body has arrived (a slow client never holds a place a
-fast one needs) until its answer is written. Refusals are 503 with Retry-After. A request whose own
-deadline passed while it waited is shed too, never computed late.
+fast one needs) until its answer is written. Refusals are 503 with Retry-After. (A request whose
+own deadline passed while it waited, or leaves too little time for the first stage, is answered
+503 by predict itself: its deadline is known only once the body is decoded.)
 """
 
 from __future__ import annotations
@@ -72,24 +73,25 @@ class Admission:
         self.in_flight -= 1
         self.metrics.in_flight.dec()
 
-    def start(self, model: str, ready_at: float, deadline_ms: float | None) -> float:
+    def start(self, model: str, ready_at: float) -> float:
         """A request whose body arrived at `ready_at` is about to start its work: shed it (RequestError 503)
-        if it waited too long or past its own deadline; otherwise return the time work starts."""
+        if it waited too long; otherwise return the time work starts."""
         now = time.perf_counter()
         waited = now - ready_at
         if waited <= self.target:
             self.waiting_since = None
         elif self.waiting_since is None:
             self.waiting_since = now
-        if deadline_ms is not None and waited * 1e3 >= deadline_ms:
-            self.shed(model, f"deadline of {deadline_ms:g} ms passed while queued ({waited * 1e3:.1f} ms)", "expired")
         limit = self.wait_limit()
         if waited > limit:
             self.shed(model, f"overloaded: queued {waited * 1e3:.1f} ms, over the {limit * 1e3:g} ms allowed now")
         return now
 
     def finished(self, started: float) -> None:
-        self.service_s += SERVICE_STEP * (time.perf_counter() - started - self.service_s)
+        """Learn how long a request's work takes; a large batch counts as at most `max_wait`, so a
+        few of them cannot make the door refuse small requests the server has time for."""
+        spent = min(time.perf_counter() - started, self.max_wait)
+        self.service_s += SERVICE_STEP * (spent - self.service_s)
 
     def shed(self, model: str, message: str, outcome: str = "overloaded") -> NoReturn:
         self.metrics.requests.labels(model, outcome).inc()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
 
 import anyio
@@ -72,11 +74,11 @@ DOC_SCHEMAS = (PredictBody,)  # referenced by PREDICT_OPENAPI; app.py adds them 
 router = APIRouter()
 
 
-def respond(model: ServedModel, request: PredictRequest, admission: Admission, ready_at: float) -> bytes:
-    """Predict and encode, if admission lets the request start after its wait since `ready_at`."""
-    started = admission.start(model.name, ready_at, request.budget.deadline_ms)
+def respond(model: ServedModel, decode: Callable[[], PredictRequest], admission: Admission, ready_at: float) -> bytes:
+    """Decode, predict and encode, if admission lets the request start after its wait since `ready_at`."""
+    started = admission.start(model.name, ready_at)
     try:
-        return encode_native(model.predict(request, ready_at, admission.loaded))
+        return encode_native(model.predict(decode(), ready_at, admission.loaded))
     except DeadlineError as e:
         admission.shed(model.name, str(e), "expired")
     finally:
@@ -84,24 +86,20 @@ def respond(model: ServedModel, request: PredictRequest, admission: Admission, r
 
 
 async def answer(request: Request, model: ServedModel, server: ServerState) -> bytes:
-    """Read and decode the body, then predict and encode on the loop or in one worker-thread hop."""
+    """Read the body, then decode, predict and encode on the loop or in one worker-thread hop."""
     settings, admission, limits = server.settings, server.admission, server.limits
     parse = parser_for(request.headers.get("content-type"), limits)
     body = await read_body(request, settings.max_body_bytes)
     if media_type(request.headers.get("content-type")) == MULTIPART:
         body = await multipart_file(request.headers, body)
     ready_at = request.scope.get(READY_AT) or time.perf_counter()  # the last byte's arrival
-    spec, query = model.manifest.input, request.query_params
+    decode = partial(parse, body, request.query_params, model.manifest.input, limits)
     if len(body) > settings.inline_body_bytes:
-
-        def decode_and_respond() -> bytes:
-            return respond(model, parse(body, query, spec, limits), admission, ready_at)
-
-        return await anyio.to_thread.run_sync(decode_and_respond, limiter=server.limiter)
-    decoded = parse(body, query, spec, limits)  # JSON into arrays, or an image's header
+        return await anyio.to_thread.run_sync(respond, model, decode, admission, ready_at, limiter=server.limiter)
+    decoded = decode()  # cheap at this size: JSON into arrays, or an image's header
     if decoded.light:
-        return respond(model, decoded, admission, ready_at)
-    return await anyio.to_thread.run_sync(respond, model, decoded, admission, ready_at, limiter=server.limiter)
+        return respond(model, lambda: decoded, admission, ready_at)
+    return await anyio.to_thread.run_sync(respond, model, lambda: decoded, admission, ready_at, limiter=server.limiter)
 
 
 @router.post(

@@ -111,6 +111,8 @@ class ServedModel:
         deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
         if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
             left_ms = (deadline_at - time.perf_counter()) * 1e3
+            if left_ms <= 0:
+                raise DeadlineError(f"deadline passed {-left_ms:.2f} ms ago, before the request could start")
             raise DeadlineError(f"deadline cannot be met: {left_ms:.2f} ms left, the first stage alone needs more")
         outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at)
         latency = time.perf_counter() - started
