@@ -22,7 +22,7 @@ from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
 from branchserve.server.errors import RequestError
 from branchserve.server.metrics import Metrics
-from branchserve.server.predictor import PredictRequest, ServedModel
+from branchserve.server.predictor import DeadlineError, PredictError, PredictRequest, ServedModel
 from branchserve.server.runtime import ModelRuntime, StageClock
 from branchserve.server.settings import Settings
 
@@ -104,6 +104,24 @@ def test_max_exit_and_deadline(runtime: ModelRuntime, inputs: np.ndarray) -> Non
     assert past.deadline_stopped and len(past.stage_seconds) == 1 and set(past.exits.tolist()) == {0}
     later = runtime.run(inputs, never, max_exit=n - 1, deadline_at=time.perf_counter() + 60)
     assert not later.deadline_stopped and len(later.stage_seconds) == n
+
+
+def test_deadlines_that_cannot_be_met_are_refused_before_any_stage(runtime: ModelRuntime, inputs: np.ndarray) -> None:
+    """Too short for the first stage even on an idle host: PredictError (422). Passed while the
+    request waited: DeadlineError (503). Tight but possible: stops between stages."""
+    served = ServedModel(runtime, Policy(max_accuracy_drop=0), degrade_drop=0.05, metrics=Metrics())
+    first_ms = runtime.clock.idle_time(0, len(inputs)) * 1e3
+
+    def request(deadline_ms: float) -> PredictRequest:
+        return PredictRequest(lambda: inputs, Budget(deadline_ms=deadline_ms), probabilities=False, light=False)
+
+    with pytest.raises(PredictError, match="shorter than the first stage"):
+        served.predict(request(first_ms / 2), time.perf_counter(), loaded=False)
+    waited_long = time.perf_counter() - 1.0  # received a second ago
+    with pytest.raises(DeadlineError, match="passed"):
+        served.predict(request(100.0), waited_long, loaded=False)
+    ok = served.predict(request(60_000.0), time.perf_counter(), loaded=False)
+    assert ok.deadline_missed is False and len(ok.outcome.stage_seconds) == runtime.num_exits
 
 
 def test_stage_clock_follows_slowdowns() -> None:

@@ -82,10 +82,14 @@ class Admission:
             self.waiting_since = None
         elif self.waiting_since is None:
             self.waiting_since = now
-        limit = self.wait_limit()
+        self.check_wait(model, ready_at)
+        return now
+
+    def check_wait(self, model: str, since: float) -> None:
+        """Shed a request that has waited since `since` longer than a request may wait now."""
+        waited, limit = time.perf_counter() - since, self.wait_limit()
         if waited > limit:
             self.shed(model, f"overloaded: queued {waited * 1e3:.1f} ms, over the {limit * 1e3:g} ms allowed now")
-        return now
 
     def finished(self, started: float) -> None:
         """Learn how long a request's work takes; a large batch counts as at most `max_wait`, so a

@@ -34,7 +34,6 @@ from branchserve.server.schemas import (
     ExitInfo,
     ModelMetadata,
     ModelSummary,
-    PredictBody,
     PredictResponse,
 )
 from branchserve.server.state import ServerState, administered_model, client, served_model
@@ -56,7 +55,7 @@ PREDICT_OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/PredictBody"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictBody"}},  # server/openapi.py
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
@@ -69,37 +68,54 @@ PREDICT_OPENAPI = {
         },
     },
 }
-DOC_SCHEMAS = (PredictBody,)  # referenced by PREDICT_OPENAPI; app.py adds them to the OpenAPI components
 
 router = APIRouter()
 
 
-def respond(model: ServedModel, decode: Callable[[], PredictRequest], admission: Admission, ready_at: float) -> bytes:
-    """Decode, predict and encode, if admission lets the request start after its wait since `ready_at`."""
-    started = admission.start(model.name, ready_at)
+def respond(model: ServedModel, request: PredictRequest, admission: Admission, ready_at: float) -> bytes:
+    """Predict and encode; a request that passed its deadline while waiting is shed, not computed late."""
     try:
-        return encode_native(model.predict(decode(), ready_at, admission.loaded))
+        return encode_native(model.predict(request, ready_at, admission.loaded))
     except DeadlineError as e:
         admission.shed(model.name, str(e), "expired")
-    finally:
-        admission.finished(started)
+
+
+def in_worker(
+    model: ServedModel, decode: Callable[[], PredictRequest], admission: Admission, ready_at: float, hop_at: float
+) -> bytes:
+    """The work of a request handed to a worker thread at `hop_at`: shed if it waited too long for one."""
+    admission.check_wait(model.name, hop_at)
+    return respond(model, decode(), admission, ready_at)
 
 
 async def answer(request: Request, model: ServedModel, server: ServerState) -> bytes:
-    """Read the body, then decode, predict and encode on the loop or in one worker-thread hop."""
+    """Read the body; decode, predict and encode on the loop or in one worker-thread hop.
+
+    The request's wait ends when this coroutine resumes with the whole body (admission judges it
+    then), and again when a worker thread picks it up; its own parsing never counts as waiting."""
     settings, admission, limits = server.settings, server.admission, server.limits
     parse = parser_for(request.headers.get("content-type"), limits)
     body = await read_body(request, settings.max_body_bytes)
-    if media_type(request.headers.get("content-type")) == MULTIPART:
-        body = await multipart_file(request.headers, body)
     ready_at = request.scope.get(READY_AT) or time.perf_counter()  # the last byte's arrival
-    decode = partial(parse, body, request.query_params, model.manifest.input, limits)
-    if len(body) > settings.inline_body_bytes:
-        return await anyio.to_thread.run_sync(respond, model, decode, admission, ready_at, limiter=server.limiter)
-    decoded = decode()  # cheap at this size: JSON into arrays, or an image's header
-    if decoded.light:
-        return respond(model, lambda: decoded, admission, ready_at)
-    return await anyio.to_thread.run_sync(respond, model, lambda: decoded, admission, ready_at, limiter=server.limiter)
+    started = admission.start(model.name, ready_at)
+    try:
+        if media_type(request.headers.get("content-type")) == MULTIPART:
+            body = await multipart_file(request.headers, body)
+        decode = partial(parse, body, request.query_params, model.manifest.input, limits)
+        if len(body) > settings.inline_body_bytes:
+            hop = time.perf_counter()
+            return await anyio.to_thread.run_sync(
+                in_worker, model, decode, admission, ready_at, hop, limiter=server.limiter
+            )
+        decoded = decode()  # cheap at this size: JSON into arrays, or an image's header
+        if decoded.light:
+            return respond(model, decoded, admission, ready_at)
+        hop = time.perf_counter()
+        return await anyio.to_thread.run_sync(
+            in_worker, model, lambda: decoded, admission, ready_at, hop, limiter=server.limiter
+        )
+    finally:
+        admission.finished(started)
 
 
 @router.post(

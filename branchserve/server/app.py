@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
 from branchserve.repo.loading import load_repository
 from branchserve.server import api, docs, probes
@@ -24,6 +25,7 @@ from branchserve.server.auth import AdminToken, Keys
 from branchserve.server.decoding import Limits, validation_message
 from branchserve.server.errors import RequestError, error_response
 from branchserve.server.metrics import Metrics
+from branchserve.server.openapi import strict_schema
 from branchserve.server.predictor import PredictError, ServedModel
 from branchserve.server.runtime import ModelRuntime
 from branchserve.server.settings import Settings
@@ -31,14 +33,26 @@ from branchserve.server.state import ServerState
 from branchserve.server.transport import Guard
 
 log = logging.getLogger("branchserve")
+ROUTERS = (api.router, probes.router)
 
 DESCRIPTION = """Early-exit inference: each request runs stage by stage and leaves at the first exit
 confident enough for the operating point in force. See docs/serving.md."""
 
 
-async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names only the first route on the path; name them all
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, str(exc.detail), headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in (r for router in ROUTERS for r in router.routes):
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def on_request_error(_: Request, exc: Exception) -> JSONResponse:
@@ -125,8 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="branchserve", description=DESCRIPTION, version="1", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.server = server
-    app.include_router(api.router)
-    app.include_router(probes.router)
+    for router in ROUTERS:
+        app.include_router(router)
     docs.mount(app)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestError, on_request_error)
@@ -135,16 +149,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, on_unexpected)
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema plus the body schemas that predict documents but does not parse with pydantic."""
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = FastAPI.openapi(app)  # makes and keeps app.openapi_schema, this same dict
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in api.DOC_SCHEMAS:
-            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(doc.pop("$defs", {}))
-            components[model.__name__] = doc
-        return schema
+        if app.openapi_schema is None:
+            app.openapi_schema = strict_schema(app, server.models)
+        return app.openapi_schema
 
     # FastAPI's documented way to extend the schema is to replace this method on the instance.
     app.openapi = openapi  # type: ignore[method-assign]

@@ -109,6 +109,12 @@ class ServedModel:
         choice, source = self._thresholds(budget, loaded)
         max_exit = last if budget.max_exit is None else budget.max_exit
         deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
+        if budget.deadline_ms is not None and budget.deadline_ms / 1e3 < self.runtime.clock.idle_time(0, len(x)):
+            first_ms = self.runtime.clock.idle_time(0, len(x)) * 1e3
+            raise PredictError(
+                f"budget.deadline_ms: {budget.deadline_ms:g} ms is shorter than the first stage alone takes here "
+                f"({first_ms:.2f} ms for {len(x)} input(s)), so no answer could meet it"
+            )
         if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
             left_ms = (deadline_at - time.perf_counter()) * 1e3
             if left_ms <= 0:

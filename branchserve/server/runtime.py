@@ -51,6 +51,10 @@ class StageClock:
         step = TAIL_QUANTILE if ratio > self.tail[k] else TAIL_QUANTILE - 1.0
         self.tail[k] *= 1.0 + TAIL_STEP * step
 
+    def idle_time(self, k: int, n: int) -> float:
+        """Seconds stage k takes for n rows on an idle host: nothing answers sooner."""
+        return self._base(k, n)
+
     def worst_case(self, k: int, n: int) -> float:
         """Seconds stage k will take for n rows, rarely exceeded."""
         return self.tail[k] * self._base(k, n) + FINISH_SECONDS

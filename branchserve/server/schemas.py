@@ -6,9 +6,10 @@ contract that the numpy checks and the orjson response (server/encoding.py) impl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from typing_extensions import TypeAliasType
 
 from branchserve.repo.manifest import ConfidenceKind, InputSpec, OperatingPoint
 from branchserve.repo.points import Policy
@@ -17,12 +18,17 @@ from branchserve.server.budget import Budget
 EXAMPLE_INPUT: list[JsonValue] = [[0.0] * 28] * 28
 
 
+Nested = TypeAliasType("Nested", "float | Annotated[list[Nested], Field(min_length=1)]")
+"""A number, or a non-empty array of them, nested to any depth (a schema cannot say "rectangular")."""
+
+
 class PredictBody(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": EXAMPLE_INPUT, "budget": {"deadline_ms": 2}}]})
 
-    inputs: list[object] = Field(
+    inputs: list[Nested] = Field(
+        min_length=1,
         description="one input as nested arrays of numbers, (C, H, W), (H, W) for one channel or flat (C·H·W), "
-        "or a batch of them with a leading axis; normalised as the model's `input` spec says"
+        "or a batch of them with a leading axis; normalised as the model's `input` spec says",
     )
     budget: Budget | None = None
     probabilities: bool = Field(False, description="include every class probability in each output")
