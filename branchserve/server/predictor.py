@@ -31,7 +31,7 @@ class PredictError(ValueError):
 
 
 class DeadlineError(RuntimeError):
-    """A request's deadline leaves too little time for even the first stage: answered at once, not late."""
+    """A request's deadline passed while it waited to start: answered at once (503), never computed late."""
 
 
 @dataclass(frozen=True)
@@ -108,23 +108,26 @@ class ServedModel:
         x = request.inputs()
         choice, source = self._thresholds(budget, loaded)
         max_exit = last if budget.max_exit is None else budget.max_exit
-        deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
-        if budget.deadline_ms is not None and budget.deadline_ms / 1e3 < self.runtime.clock.idle_time(0, len(x)):
-            first_ms = self.runtime.clock.idle_time(0, len(x)) * 1e3
-            raise PredictError(
-                f"budget.deadline_ms: {budget.deadline_ms:g} ms is shorter than the first stage alone takes here "
-                f"({first_ms:.2f} ms for {len(x)} input(s)), so no answer could meet it"
-            )
-        if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
-            left_ms = (deadline_at - time.perf_counter()) * 1e3
-            if left_ms <= 0:
-                raise DeadlineError(f"deadline passed {-left_ms:.2f} ms ago, before the request could start")
-            raise DeadlineError(f"deadline cannot be met: {left_ms:.2f} ms left, the first stage alone needs more")
+        deadline_at = None if budget.deadline_ms is None else self._deadline(budget.deadline_ms, len(x), started)
         outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at)
         latency = time.perf_counter() - started
         missed = None if deadline_at is None else started + latency > deadline_at
         self._observe(outcome, latency, source, missed)
         return Result(self.manifest, outcome, choice, source, budget, request.probabilities, latency, missed)
+
+    def _deadline(self, deadline_ms: float, rows: int, started: float) -> float:
+        """The instant a deadline falls due; refuses one no answer could meet (PredictError) and one
+        that passed while the request waited (DeadlineError): neither is ever computed late."""
+        first_ms = self.runtime.clock.idle_time(0, rows) * 1e3
+        if deadline_ms < first_ms:
+            raise PredictError(
+                f"budget.deadline_ms: {deadline_ms:g} ms is shorter than the first stage alone takes here "
+                f"({first_ms:.2f} ms for {rows} input(s)), so no answer could meet it"
+            )
+        late_ms = (time.perf_counter() - started) * 1e3 - deadline_ms
+        if late_ms >= 0:
+            raise DeadlineError(f"deadline passed {late_ms:.2f} ms ago, while the request waited to start")
+        return started + deadline_ms / 1e3
 
     def _observe(self, outcome: Outcome, latency: float, source: Source, missed: bool | None) -> None:
         m, name, exits = self.metrics, self.name, outcome.exits
