@@ -17,6 +17,7 @@ from branchserve.repo.frontier import expected_cost
 from branchserve.repo.loading import load_repository
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Policy, cheapest_meeting, choose, most_accurate_within
+from branchserve.server.admission import Admission
 from branchserve.server.budget import Budget
 from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
@@ -199,3 +200,34 @@ def test_contract_server_and_command_never_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     count, heavy = out.stdout.split(" ", 1)
     assert int(count) > 100 and heavy.strip() == "[]"
+
+
+def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits up to max_wait pass until requests have kept waiting past the target for an interval;
+    then only the target passes until one starts within it. The door refuses when the work already
+    in would outlast the allowed wait, priced by the mean work time, which a huge batch cannot blow up."""
+    now = [100.0]
+    monkeypatch.setattr("branchserve.server.admission.time.perf_counter", lambda: now[0])
+    a = Admission(max_in_flight=8, loaded_at=4, max_wait_s=0.015, target_s=0.005, interval_s=0.1, metrics=Metrics())
+    a.start("m", now[0] - 0.010)  # waited 10 ms: allowed (no queue stands yet)
+    assert not a.standing and a.wait_limit() == 0.015
+    now[0] += 0.2  # no request started within the target since: a queue stands
+    assert a.standing and a.wait_limit() == 0.005 and a.loaded
+    with pytest.raises(RequestError) as shed:
+        a.start("m", now[0] - 0.006)
+    assert shed.value.status == 503 and shed.value.headers == {"Retry-After": "1"}
+    a.start("m", now[0] - 0.001)  # one started within the target: the queue no longer stands
+    assert not a.standing and not a.loaded
+    for _ in range(3):
+        a.arrived()
+    a.service_s = 0.004
+    assert not a.refuse_at_door()  # 3 × 4 ms = 12 ms < 15 ms
+    a.arrived()
+    assert a.refuse_at_door()  # 16 ms of work already in
+    started = now[0]
+    now[0] += 5.0  # a 5 s batch counts as at most max_wait
+    a.finished(started)
+    assert a.service_s == pytest.approx(0.004 + 0.05 * (0.015 - 0.004))
+    for _ in range(4):
+        a.left()
+    assert a.in_flight == 0 and not a.refuse_at_door()
