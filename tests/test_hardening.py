@@ -77,7 +77,7 @@ def model(client: httpx.Client) -> str:
 
 def outcome(client: httpx.Client, model: str, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'branchserve_requests_total{{model="{model}",outcome="{name}"}}'):
+        if line.startswith(f'branchserve_requests_total{{model="{model}",outcome="{name}",version="1"}}'):
             return float(line.split()[-1])
     raise AssertionError(f"no {name} series")
 

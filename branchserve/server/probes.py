@@ -19,12 +19,12 @@ async def live() -> dict[str, bool]:
 
 
 @router.api_route(
-    "/v2/health/ready", methods=["GET", "HEAD"], summary="Readiness: every model loaded, checked and calibrated"
+    "/v2/health/ready", methods=["GET", "HEAD"], summary="Readiness: the repository loaded, checked and calibrated"
 )
 async def ready(server: Annotated[ServerState, Depends(state)]) -> dict[str, object]:
     if server.limiter is None:
         raise RequestError(503, "starting up")
-    return {"ready": True, "models": sorted(server.models)}
+    return {"ready": True, "models": server.repository.names()}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
