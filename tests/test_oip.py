@@ -107,9 +107,10 @@ def test_metadata_and_readiness(http_client, grpc_client, model) -> None:
 
 
 def test_fp32_batch_over_every_front_door(http_client, grpc_client, server: Server, model, images) -> None:
-    """One batch through OIP REST binary, OIP REST JSON, gRPC and the native API: the same answers."""
+    """One batch through OIP REST binary, OIP REST JSON, gRPC and the native API: the same answers
+    (bench/protocol_agreement.py does this for the 10k test images on the shipped model)."""
     name, manifest = model
-    x = tensors(images[:16], manifest)
+    x = tensors(images, manifest)
     binary = http_client.infer(name, [fp32_input(thttp, x)], headers=auth())
     json_out = [thttp.InferRequestedOutput(o, binary_data=False) for o in OUTPUTS]
     plain = http_client.infer(name, [fp32_input(thttp, x, binary=False)], outputs=json_out, headers=auth())
@@ -124,7 +125,7 @@ def test_fp32_batch_over_every_front_door(http_client, grpc_client, server: Serv
     for result in (binary, plain, over_grpc):
         for got, want in zip(answers(result), expected, strict=True):
             assert got.tolist() == want.tolist()
-        assert result.as_numpy("probabilities").shape == (16, len(manifest.labels))
+        assert result.as_numpy("probabilities").shape == (len(x), len(manifest.labels))
         labels = [b.decode() if isinstance(b, bytes) else b for b in result.as_numpy("label").tolist()]  # JSON: str
         assert labels == [manifest.labels[y] for y in expected[1]]
         logits = result.as_numpy("logits")

@@ -137,6 +137,7 @@ def scenario(
         "failed": sum(s != 200 for s in out.status),
         "answers_naming_no_version": sum(v is None for v in versions),
         "answered_by": dict(Counter(v for v in versions if v is not None)),
+        "failed_at_s": [round(t - by_time[0][0], 2) for t, _, status in by_time if status != 200],
         "old_version_last_answered_at_s": max(
             (t - by_time[0][0] for t, v, _ in by_time if v == str(first)), default=None
         ),

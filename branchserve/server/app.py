@@ -156,8 +156,8 @@ def optional_grpc(settings: Settings) -> ModuleType | None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    grpc_service = optional_grpc(settings)  # before loading: a missing extra is a quick error
     server = server_state(settings)
-    grpc_service = optional_grpc(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
