@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor
 from tritonclient.grpc import service_pb2
+
+from branchserve.server.oip.grpc_service import SERVICE_NAME
+from branchserve.server.oip.proto import grpc_predict_v2_pb2 as ours
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = Path("branchserve/server/oip/proto")
@@ -32,51 +35,33 @@ def test_committed_code_is_what_the_script_generates(regenerated: Path) -> None:
         assert fresh == (ROOT / PROTO_DIR / name).read_text(), f"{name} is stale: run scripts/generate_oip_proto.sh"
 
 
-def our_messages(tmp_path: Path) -> descriptor_pool.DescriptorPool:
-    """Our .proto in a pool of its own: the default pool already holds tritonclient's `inference.*`."""
-    out = tmp_path / "set.pb"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-I",
-            ".",
-            f"--descriptor_set_out={out}",
-            str(PROTO_DIR / "grpc_predict_v2.proto"),
-        ],
-        check=True,
-        cwd=ROOT,
-    )
-    pool = descriptor_pool.DescriptorPool()
-    for file in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file:
-        pool.Add(file)
-    return pool
+def fields(message: Descriptor) -> dict[str, tuple[int, int, str]]:
+    """Each field's number, type and message type (named within its package)."""
+    return {f.name: (f.number, f.type, relative(f.message_type) if f.message_type else "") for f in message.fields}
 
 
-def fields(message: object) -> dict[str, tuple[int, int, str]]:
-    return {f.name: (f.number, f.type, f.message_type.full_name if f.message_type else "") for f in message.fields}
+def relative(message: Descriptor) -> str:
+    return message.full_name.removeprefix(message.file.package + ".")
 
 
-def test_every_message_and_rpc_matches_tritonclients(tmp_path: Path) -> None:
-    ours = our_messages(tmp_path)
-    service = ours.FindServiceByName("inference.GRPCInferenceService")
+def test_every_message_and_rpc_matches_tritonclients() -> None:
+    """Importing both in one process is itself part of the test: our package never clashes with theirs."""
+    service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     triton = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert triton.full_name == SERVICE_NAME
     checked = set()
-    for method in service.methods:
-        theirs = triton.methods_by_name[method.name]
-        for mine, other in ((method.input_type, theirs.input_type), (method.output_type, theirs.output_type)):
-            pending = [(mine, other)]
-            while pending:
-                a, b = pending.pop()
-                if a.full_name in checked:
-                    continue
-                checked.add(a.full_name)
-                mine_fields, their_fields = fields(a), fields(b)
-                for name, spec in mine_fields.items():
-                    assert their_fields.get(name) == spec, (a.full_name, name, spec, their_fields.get(name))
-                pending += [(f.message_type, b.fields_by_name[f.name].message_type) for f in a.fields if f.message_type]
-    assert {"inference.ModelInferRequest", "inference.InferParameter", "inference.InferTensorContents"} <= checked
+    pending = [(m.input_type, triton.methods_by_name[m.name].input_type) for m in service.methods]
+    pending += [(m.output_type, triton.methods_by_name[m.name].output_type) for m in service.methods]
+    while pending:
+        mine, theirs = pending.pop()
+        if mine.name in checked:
+            continue
+        checked.add(mine.name)
+        their_fields = fields(theirs)
+        for name, spec in fields(mine).items():
+            assert their_fields.get(name) == spec, (mine.full_name, name, spec, their_fields.get(name))
+        pending += [(f.message_type, theirs.fields_by_name[f.name].message_type) for f in mine.fields if f.message_type]
+    assert {"ModelInferRequest", "InferParameter", "InferTensorContents", "InferOutputTensor"} <= checked
     assert [m.name for m in service.methods] == [
         "ServerLive",
         "ServerReady",

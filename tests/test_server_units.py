@@ -17,6 +17,7 @@ from branchserve.repo.frontier import expected_cost
 from branchserve.repo.loading import load_repository
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Policy, cheapest_meeting, choose, most_accurate_within
+from branchserve.server.app import predict_url
 from branchserve.server.budget import Budget
 from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
@@ -181,3 +182,23 @@ def test_contract_server_and_command_never_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     count, heavy = out.stdout.split(" ", 1)
     assert int(count) > 100 and heavy.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (b"/v1/models/m/predict", ("m", None)),
+        (b"/v1/models/m/predict?deadline_ms=2", ("m", None)),
+        (b"/v1/models/m/versions/3/predict", ("m", "3")),
+        (b"/v2/models/m/infer", ("m", None)),
+        (b"/v2/models/m/versions/3/infer", ("m", "3")),
+        (b"/v2/models/m/predict", None),
+        (b"/v1/models/m/infer", None),
+        (b"/v2/models/m/ready", None),
+        (b"/v2/models/m/other/3/infer", None),
+        (b"/v2/repository/models/m/load", None),
+    ],
+)
+def test_the_door_knows_every_predict_url(url: bytes, named: tuple[str, str | None] | None) -> None:
+    """The connection counts and may refuse exactly the predict requests of both APIs."""
+    assert predict_url(url) == named

@@ -78,18 +78,19 @@ async def answer(request: Request, model: ServedModel, server: ServerState) -> R
     return Response(payload, media_type="application/json")
 
 
+PREDICT_ROUTE: dict[str, Any] = {
+    "response_model": PredictResponse,
+    "responses": errors(400, 401, 404, 413, 415, 422, 503),
+    "openapi_extra": PREDICT_OPENAPI,
+}
+
+
 @router.post(
-    "/v1/models/{name}/versions/{version}/predict",
-    response_model=PredictResponse,
-    responses=errors(400, 401, 404, 413, 415, 422, 503),
-    openapi_extra=PREDICT_OPENAPI,
-    summary="Classify with one version of a model (as predict)",
+    "/v1/models/{name}/versions/{version}/predict", **PREDICT_ROUTE, summary="Classify with one version of a model"
 )
 @router.post(
     "/v1/models/{name}/predict",
-    response_model=PredictResponse,
-    responses=errors(400, 401, 404, 413, 415, 422, 503),
-    openapi_extra=PREDICT_OPENAPI,
+    **PREDICT_ROUTE,
     summary="Classify one input or a batch: JSON arrays, a PNG/JPEG body, or a multipart upload in field `file`",
 )
 async def predict(request: Request, name: str) -> Response:

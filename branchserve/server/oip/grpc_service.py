@@ -41,6 +41,7 @@ from branchserve.server.state import ServerState
 log = logging.getLogger("branchserve")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = "inference.GRPCInferenceService"  # the protocol's; the .proto's package is our own (see there)
 CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
@@ -208,7 +209,7 @@ async def start(state: ServerState, host: str, port: int) -> Any:
         for m in SERVICE.methods
     }
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", state.settings.max_body_bytes)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     try:
         server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:
