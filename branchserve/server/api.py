@@ -22,6 +22,7 @@ from branchserve.server.encoding import encode_native
 from branchserve.server.errors import RequestError
 from branchserve.server.predictor import ServedModel
 from branchserve.server.schemas import (
+    VERSIONED,
     CurrentOperatingPoint,
     ErrorResponse,
     ExitInfo,
@@ -38,12 +39,13 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
+PREDICT_PARAMETERS = [
+    {"name": name, "in": "query", "required": False, "schema": schema}
+    | ({"description": schema["description"]} if "description" in schema else {})
+    for name, schema in QueryParams.model_json_schema()["properties"].items()
+]
 PREDICT_OPENAPI = {
-    "parameters": [
-        {"name": name, "in": "query", "required": False, "schema": schema}
-        | ({"description": schema["description"]} if "description" in schema else {})
-        for name, schema in QueryParams.model_json_schema()["properties"].items()
-    ],
+    "parameters": PREDICT_PARAMETERS,
     "requestBody": {
         "required": True,
         "content": {
@@ -78,19 +80,22 @@ async def answer(request: Request, model: ServedModel, server: ServerState) -> R
     return Response(payload, media_type="application/json")
 
 
-PREDICT_ROUTE: dict[str, Any] = {
-    "response_model": PredictResponse,
-    "responses": errors(400, 401, 404, 413, 415, 422, 503),
-    "openapi_extra": PREDICT_OPENAPI,
-}
+PREDICT_RESPONSES = errors(400, 401, 404, 413, 415, 422, 503)
+VERSIONED_PREDICT_OPENAPI = PREDICT_OPENAPI | {"parameters": PREDICT_PARAMETERS + VERSIONED["parameters"]}
 
 
 @router.post(
-    "/v1/models/{name}/versions/{version}/predict", **PREDICT_ROUTE, summary="Classify with one version of a model"
+    "/v1/models/{name}/versions/{version}/predict",
+    response_model=PredictResponse,
+    responses=PREDICT_RESPONSES,
+    openapi_extra=VERSIONED_PREDICT_OPENAPI,
+    summary="Classify with one version of a model",
 )
 @router.post(
     "/v1/models/{name}/predict",
-    **PREDICT_ROUTE,
+    response_model=PredictResponse,
+    responses=PREDICT_RESPONSES,
+    openapi_extra=PREDICT_OPENAPI,
     summary="Classify one input or a batch: JSON arrays, a PNG/JPEG body, or a multipart upload in field `file`",
 )
 async def predict(request: Request, name: str) -> Response:
@@ -126,6 +131,7 @@ def current_point(model: ServedModel) -> CurrentOperatingPoint:
     "/v1/models/{name}/versions/{version}",
     response_model=ModelMetadata,
     responses=errors(404),
+    openapi_extra=VERSIONED,
     summary="Metadata of one version of a model",
 )
 @router.get("/v1/models/{name}", response_model=ModelMetadata, responses=errors(404), summary="Model metadata")

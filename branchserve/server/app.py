@@ -69,7 +69,8 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error", key=error_key(request.url.path))
 
 
-def load_repository(settings: Settings, metrics: Metrics) -> ModelRepository:
+def served_repository(settings: Settings, metrics: Metrics) -> ModelRepository:
+    """The repository at `settings.repository`, every model loaded as the version policy says."""
     serving = Serving(settings.policy, settings.degrade_accuracy_drop, settings.intra_op_threads, metrics)
     repository = ModelRepository(settings.repository, settings.versions, serving)
     repository.load_all()
@@ -94,7 +95,10 @@ def server_state(settings: Settings) -> ServerState:
         "need the admin token" if admin.token else "disabled (no BRANCHSERVE_ADMIN_TOKEN)",
         "need an API key" if keys.required else "open to every client (no API keys)",
     )
-    return ServerState(settings, load_repository(settings, metrics), metrics, admission, limits, keys, admin)
+    return ServerState(settings, served_repository(settings, metrics), metrics, admission, limits, keys, admin)
+
+
+PREDICT_ENDS = {(b"v1", b"predict"), (b"v2", b"infer")}  # (API, last path segment) of a predict URL
 
 
 def predict_url(url: bytes) -> tuple[str, str | None] | None:
@@ -107,9 +111,6 @@ def predict_url(url: bytes) -> tuple[str, str | None] | None:
         return None
     version = parts[5].decode("latin-1") if len(parts) == 7 else None
     return parts[3].decode("latin-1"), version
-
-
-PREDICT_ENDS = {(b"v1", b"predict"), (b"v2", b"infer")}
 
 
 def connection_guard(app: FastAPI) -> Guard:

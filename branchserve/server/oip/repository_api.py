@@ -1,14 +1,20 @@
 """The OIP model repository extension (admin): index, load and unload, as Triton and KServe have them.
 
 `POST /v2/repository/models/{name}/load` serves the versions of `name` that the version policy
-selects (the server's, or one given as Triton's load `config`: `{"version_policy": {...}}`), checking
-and calibrating new versions in a worker thread, off the event loop; versions no longer selected are
-unloaded once the new set is published. A version that fails to load makes the whole load fail
+selects (the server's, or one given as Triton's load `config`: `{"version_policy": {...}}`),
+checking and calibrating new versions in a thread of its own at a lower CPU priority, off the
+event loop; versions no longer selected are unloaded once the new set is published. A version that fails to load makes the whole load fail
 with a 400 saying why, and what was served stays served. Every route needs the admin token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import anyio
@@ -23,6 +29,8 @@ from branchserve.server.errors import RequestError
 from branchserve.server.state import ServerState, admin
 
 router = APIRouter()
+
+LOAD_NICENESS = 10
 
 
 class LoadConfig(BaseModel):
@@ -67,6 +75,20 @@ def version_policy_of(parameters: dict[str, Any]) -> VersionPolicy | None:
         raise RequestError(400, validation_message(e.errors(include_input=False), "config")) from None
 
 
+async def in_background(load: Callable[[str, VersionPolicy | None], list[int]], *args: Any) -> list[int]:
+    """Run a load in a thread of its own at nice +10, so that checking and calibrating a version
+    yields the cores to requests; the thread ends with the load (a pooled worker thread would keep
+    the lower priority, and an unprivileged process cannot raise it again)."""
+
+    def niced() -> list[int]:
+        with contextlib.suppress(OSError):  # where priorities cannot be changed, it runs as any thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
+        return load(*args)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="branchserve-load") as pool:
+        return await asyncio.wrap_future(pool.submit(niced))
+
+
 @router.post("/v2/repository/index", summary="Admin: every model version on disk or served, with its state")
 async def repository_index(request: Request, server: Annotated[ServerState, Depends(admin)]) -> list[dict[str, Any]]:
     ask: IndexRequest = await json_body(request, IndexRequest)
@@ -83,7 +105,7 @@ async def load_model(name: str, request: Request, server: Annotated[ServerState,
     ask: LoadRequest = await json_body(request, LoadRequest)
     policy = version_policy_of(ask.parameters)
     try:
-        versions = await anyio.to_thread.run_sync(server.repository.load, name, policy)
+        versions = await in_background(server.repository.load, name, policy)
     except RepositoryError as e:
         raise RequestError(400, f"load of {name!r} failed, nothing changed: {e}") from None
     return {"name": name, "versions": [str(v) for v in versions]}

@@ -32,6 +32,7 @@ from branchserve.server.oip.tensors import (
     response_parameters,
 )
 from branchserve.server.predictor import PredictRequest, Result, ServedModel
+from branchserve.server.schemas import VERSIONED
 from branchserve.server.state import ServerState, served_model, state
 from branchserve.server.transport import READY_AT
 
@@ -84,7 +85,9 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "branchserve", "version": package_version("branchserve"), "extensions": EXTENSIONS}
 
 
-@router.get("/v2/models/{name}/versions/{version}", summary="OIP model metadata of one version")
+@router.get(
+    "/v2/models/{name}/versions/{version}", openapi_extra=VERSIONED, summary="OIP model metadata of one version"
+)
 @router.get("/v2/models/{name}", summary="OIP model metadata: inputs, outputs, versions served")
 async def oip_model_metadata(
     model: Annotated[ServedModel, Depends(served_model)], server: Annotated[ServerState, Depends(state)]
@@ -92,14 +95,18 @@ async def oip_model_metadata(
     return model_metadata(model, sorted(server.repository.versions(model.name)))
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready", summary="OIP model readiness of one version")
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", openapi_extra=VERSIONED, summary="OIP model readiness of one version"
+)
 @router.get("/v2/models/{name}/ready", summary="OIP model readiness: 200 when served, 404 otherwise")
 async def model_ready(request: Request, name: str, server: Annotated[ServerState, Depends(state)]) -> dict[str, Any]:
     model = server.model(name, request.path_params.get("version"))
     return {"name": model.name, "version": str(model.version), "ready": True}
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", summary="OIP inference with one version")
+@router.post(
+    "/v2/models/{name}/versions/{version}/infer", openapi_extra=VERSIONED, summary="OIP inference with one version"
+)
 @router.post("/v2/models/{name}/infer", summary="OIP inference: JSON tensors or the binary tensor data extension")
 async def infer(request: Request, name: str) -> Response:
     server: ServerState = request.app.state.server
