@@ -9,6 +9,7 @@ import base64
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,12 @@ from serving import PATIENT, encode, running_server, sample_images
 from tritonclient.utils import InferenceServerException
 
 from branchserve.loadtest.reload import copy_version, corrupt_version, scenario
-from branchserve.repo.versions import VersionPolicy
+from branchserve.repo.points import Policy
+from branchserve.repo.versions import Latest, VersionPolicy
+from branchserve.server.budget import Budget
+from branchserve.server.metrics import Metrics
+from branchserve.server.predictor import PredictRequest
+from branchserve.server.repository import ModelRepository, Serving
 
 TOKEN = "lifecycle-admin-token"
 MODEL = "tiny"
@@ -147,3 +153,16 @@ def test_reload_under_load_fails_no_request(repo: Path) -> None:
     assert corrupt["status"] == 400 and "sha256" in corrupt["answer"]["error"], corrupt
     assert result["old_version_last_answered_at_s"] <= result["load"]["done_at_s"] + 0.5
     assert "Traceback" not in log and np.isfinite(result["ok_p99_ms"])
+
+
+def test_a_request_holding_a_version_finishes_on_it_after_a_swap(repo: Path) -> None:
+    """What makes a swap safe, without timing luck: a request holds the ServedModel it started with."""
+    repository = ModelRepository(repo, VersionPolicy(latest=Latest()), Serving(Policy(), 0.01, 1, Metrics()))
+    repository.load_all()
+    held = repository.get(MODEL)
+    copy_version(repo / MODEL / "1", 2)
+    assert repository.load(MODEL) == [2] and repository.get(MODEL).version == 2
+    x = np.zeros((4, *held.manifest.input.shape), np.float32)
+    result = held.predict(PredictRequest(lambda: x, Budget(), False, light=False), time.perf_counter(), False)
+    assert result.manifest.version == 1 and len(result.outcome.exits) == 4
+    assert [(s.version, s.state) for s in repository.index()] == [(1, "UNAVAILABLE"), (2, "READY")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -320,3 +321,43 @@ def test_protocol_metrics_carry_the_version(server: Server) -> None:
         text = c.get("/metrics").text
     assert 'branchserve_requests_total{model="tiny",outcome="ok",version="1"}' in text
     assert 'branchserve_requests_total{model="tiny",outcome="bad_input",version="1"}' in text
+
+
+def test_overload_refuses_oip_infers_over_rest_and_grpc(tiny_repo: Path, model) -> None:
+    """More concurrent infers than admitted, over both OIP doors: REST gets 503 + Retry-After with
+    {"error"} (from the connection itself at the door, or from admission), gRPC gets UNAVAILABLE;
+    the rest are answered, and the overloaded counter adds up both."""
+    name, manifest = model
+    flags = ["--max-in-flight", "3", "--inference-threads", "1", "--log-level", "warning"]
+    x = np.zeros((MAX_BATCH // 2, *manifest.input.shape), np.float32)
+    head = orjson.dumps(fp32_header(list(x.shape), x.nbytes))
+    with running_server(tiny_repo, *flags) as server:
+        grpc_client = tgrpc.InferenceServerClient(server.grpc)
+
+        def call(i: int) -> str:
+            if i % 2:
+                try:
+                    grpc_client.infer(name, [fp32_input(tgrpc, x)])
+                    return "OK"
+                except InferenceServerException as e:
+                    return e.status()
+            with server.client() as c:
+                r = c.post(
+                    f"/v2/models/{name}/infer",
+                    content=head + x.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(head))},
+                )
+            assert r.status_code == 200 or ("error" in r.json() and r.headers["retry-after"] == "1"), r.text
+            return str(r.status_code)
+
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(call, range(48)))
+        assert set(outcomes) <= {"200", "503", "OK", "StatusCode.UNAVAILABLE"}, outcomes
+        refused = outcomes.count("503") + outcomes.count("StatusCode.UNAVAILABLE")
+        assert refused and outcomes.count("200") + outcomes.count("OK")
+        with server.client() as c:
+            text = c.get("/metrics").text
+        assert f'branchserve_requests_total{{model="{name}",outcome="overloaded",version="1"}} {refused:.1f}' in text
+        assert grpc_client.is_server_live()
+        grpc_client.close()
+        assert "Traceback" not in server.log_text()
