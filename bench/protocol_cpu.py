@@ -43,6 +43,8 @@ def http_sender(port: int, path: str, bodies: list[bytes], headers: list[dict[st
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
     def send(i: int) -> None:
+        if i == 0:  # a new block: the server closes keep-alive connections idle for request_timeout_s
+            connection.close()
         connection.request("POST", path, bodies[i % len(bodies)], headers[i % len(headers)])
         response = connection.getresponse()
         response.read()
