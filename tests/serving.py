@@ -17,8 +17,12 @@ from PIL import Image
 from branchserve.fmnist import read_split
 from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
 
+TOLERANT = {"BRANCHSERVE_MAX_WAIT_MS": "2000"}
+"""Tests share a 2-core box with their own clients: a 15 ms stall is a hiccup there, not overload.
+Tests of admission itself pass their own limits."""
+
 PATIENT = ("--max-wait-ms", "2000", "--queue-target-ms", "2000")
-"""Admission that sheds nothing a sequential client sends, for tests of something else on a busy host."""
+"""TOLERANT, and no standing queue either: for tests of something else that a busy host must not shed."""
 
 
 @dataclass
@@ -44,7 +48,7 @@ def running_server(repo: Path, *flags: str, env: dict[str, str] | None = None) -
     cmd = branchserve_cmd(repo, port, "--grpc-port", str(grpc_port), *flags)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
-        with started_server(cmd, port, log, env, timeout_s=120) as server:
+        with started_server(cmd, port, log, {**TOLERANT, **(env or {})}, timeout_s=120) as server:
             yield Server(server.url, log, f"127.0.0.1:{grpc_port}")
 
 

@@ -15,7 +15,7 @@ import base64
 import binascii
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +143,7 @@ def predict_request(
     )
 
 
-def _described(specs: Sequence[TensorSpec] | Any) -> str:
+def _described(specs: Iterable[TensorSpec]) -> str:
     return " or ".join(f"{s.name!r} ({s.datatype} {list(s.shape)})" for s in specs)
 
 
