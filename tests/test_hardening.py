@@ -78,7 +78,7 @@ def model(client: httpx.Client) -> str:
 
 def outcome(client: httpx.Client, model: str, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'branchserve_requests_total{{model="{model}",outcome="{name}"}}'):
+        if line.startswith(f'branchserve_requests_total{{model="{model}",outcome="{name}",version="1"}}'):
             return float(line.split()[-1])
     raise AssertionError(f"no {name} series")
 
@@ -251,6 +251,9 @@ def test_requests_that_would_wait_too_long_are_refused_fast(tiny_repo: Path) -> 
         assert statuses == {200, 503}, statuses
         assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["detail"] for r in refused)
         metrics = c.get("/metrics").text
-        assert f'branchserve_requests_total{{model="{model}",outcome="overloaded"}} {float(len(refused))}' in metrics
+        assert (
+            f'branchserve_requests_total{{model="{model}",outcome="overloaded",version="1"}} {float(len(refused))}'
+            in metrics
+        )
         assert c.post(f"/v1/models/{model}/predict", content=png, headers=PNG).status_code == 200
         assert "Traceback" not in s.log_text()

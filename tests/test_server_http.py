@@ -71,6 +71,11 @@ def full_point(meta: dict) -> dict:
     return next(p for p in meta["frontier"] if p["search"] == "full")
 
 
+def version(meta: dict) -> str:
+    """The version label of a model's metric series."""
+    return str(meta["version"])
+
+
 def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = client.get("/metrics").raise_for_status().text
     return {
@@ -170,7 +175,7 @@ def test_batch_shrinks_and_matches_single_requests(client: httpx.Client, predict
     model = meta["name"]
 
     def scored(k: int) -> float:
-        key = ("branchserve_exit_confidence_count", (("exit", str(k)), ("model", model)))
+        key = ("branchserve_exit_confidence_count", (("exit", str(k)), ("model", model), ("version", version(meta))))
         return after[key] - before[key]
 
     assert scored(0) == len(x)
@@ -253,7 +258,8 @@ def test_operating_point_admin(client: httpx.Client, predict_path: str, meta: di
         assert custom["name"] == "custom" and custom["expected_compute_saved"] is None
         gauges = metric_samples(client)
         for k, t in enumerate(thresholds):
-            assert gauges[("branchserve_exit_threshold", (("exit", str(k)), ("model", meta["name"])))] == t
+            labels = (("exit", str(k)), ("model", meta["name"]), ("version", version(meta)))
+            assert gauges[("branchserve_exit_threshold", labels)] == t
     finally:
         restored = client.put(path, json={}, headers=ADMIN).json()
     assert restored["name"] == meta["operating_point"]["name"]
@@ -271,7 +277,7 @@ def test_metrics_move_and_follow_conventions(client: httpx.Client, predict_path:
     after = metric_samples(client)
 
     def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted({"model": model, **labels}.items())))
+        key = (name, tuple(sorted({"model": model, "version": version(meta), **labels}.items())))
         return after[key] - before.get(key, 0.0)
 
     assert delta("branchserve_requests_total", outcome="ok") == 3
@@ -288,7 +294,7 @@ def test_metrics_move_and_follow_conventions(client: httpx.Client, predict_path:
     assert delta("branchserve_full_depth_macs_total") == 6 * meta["exits"][-1]["cumulative_macs"]
     assert after[("branchserve_in_flight_requests", ())] == 0
     assert "_created" not in client.get("/metrics").text
-    assert 0 <= after[("branchserve_expected_compute_saved_ratio", (("model", model),))] < 1
+    assert 0 <= after[("branchserve_expected_compute_saved_ratio", (("model", model), ("version", version(meta))))] < 1
 
     text = client.get("/metrics").text
     families = list(text_string_to_metric_families(text))
@@ -500,7 +506,10 @@ def test_overload_sheds_with_retry_after_and_degrades(tiny_repo: Path) -> None:
         sources = {r.json()["budget"]["source"] for r in responses if r.status_code == 200}
         assert "load" in sources
         overloaded = metric_samples(client)[
-            ("branchserve_requests_total", (("model", meta["name"]), ("outcome", "overloaded")))
+            (
+                "branchserve_requests_total",
+                (("model", meta["name"]), ("outcome", "overloaded"), ("version", version(meta))),
+            )
         ]
         assert overloaded == statuses.count(503)
         assert client.post(path, content=body, headers=JSON).status_code == 200

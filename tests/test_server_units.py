@@ -18,6 +18,7 @@ from branchserve.repo.loading import load_repository
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Policy, cheapest_meeting, choose, most_accurate_within
 from branchserve.server.admission import Admission
+from branchserve.server.app import predict_url
 from branchserve.server.budget import Budget
 from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
@@ -209,14 +210,14 @@ def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch
     now = [100.0]
     monkeypatch.setattr("branchserve.server.admission.time.perf_counter", lambda: now[0])
     a = Admission(max_in_flight=8, loaded_at=4, max_wait_s=0.015, target_s=0.005, interval_s=0.1, metrics=Metrics())
-    a.start("m", now[0] - 0.010)  # waited 10 ms: allowed (no queue stands yet)
+    a.start(("m", "1"), now[0] - 0.010)  # waited 10 ms: allowed (no queue stands yet)
     assert not a.standing and a.wait_limit() == 0.015
     now[0] += 0.2  # no request started within the target since: a queue stands
     assert a.standing and a.wait_limit() == 0.005 and a.loaded
     with pytest.raises(RequestError) as shed:
-        a.start("m", now[0] - 0.006)
+        a.start(("m", "1"), now[0] - 0.006)
     assert shed.value.status == 503 and shed.value.headers == {"Retry-After": "1"}
-    a.start("m", now[0] - 0.001)  # one started within the target: the queue no longer stands
+    a.start(("m", "1"), now[0] - 0.001)  # one started within the target: the queue no longer stands
     assert not a.standing and not a.loaded
     for _ in range(3):
         a.arrived()
@@ -231,3 +232,23 @@ def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch
     for _ in range(4):
         a.left()
     assert a.in_flight == 0 and not a.refuse_at_door()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (b"/v1/models/m/predict", ("m", None)),
+        (b"/v1/models/m/predict?deadline_ms=2", ("m", None)),
+        (b"/v1/models/m/versions/3/predict", ("m", "3")),
+        (b"/v2/models/m/infer", ("m", None)),
+        (b"/v2/models/m/versions/3/infer", ("m", "3")),
+        (b"/v2/models/m/predict", None),
+        (b"/v1/models/m/infer", None),
+        (b"/v2/models/m/ready", None),
+        (b"/v2/models/m/other/3/infer", None),
+        (b"/v2/repository/models/m/load", None),
+    ],
+)
+def test_the_door_knows_every_predict_url(url: bytes, named: tuple[str, str | None] | None) -> None:
+    """The connection counts and may refuse exactly the predict requests of both APIs."""
+    assert predict_url(url) == named

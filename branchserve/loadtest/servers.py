@@ -43,8 +43,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def branchserve_cmd(repository: Path, port: int, *flags: str) -> list[str]:
-    """`branchserve serve` with this interpreter, so a venv's server runs the venv's code."""
-    return [sys.executable, "-m", "branchserve", "serve", "--repository", str(repository), "--port", str(port), *flags]
+    """`branchserve serve` with this interpreter, so a venv's server runs the venv's code; gRPC is off
+    unless `flags` give a `--grpc-port`, so servers started side by side never race for port 8001."""
+    grpc = [] if "--grpc-port" in flags else ["--grpc-port", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "branchserve",
+        "serve",
+        "--repository",
+        str(repository),
+        "--port",
+        str(port),
+        *grpc,
+        *flags,
+    ]
 
 
 @dataclass

@@ -8,7 +8,7 @@ on the models served, so they are filled in from them. Differences that remain (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,7 +19,7 @@ from branchserve.server.schemas import PredictBody
 BODY_SCHEMAS = (PredictBody,)  # referenced by the predict route's openapi_extra
 
 
-def strict_schema(app: FastAPI, models: Mapping[str, ServedModel]) -> dict[str, Any]:
+def strict_schema(app: FastAPI, models: Sequence[ServedModel]) -> dict[str, Any]:
     schema = FastAPI.openapi(app)  # makes and keeps app.openapi_schema, this same dict
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in BODY_SCHEMAS:
@@ -29,14 +29,15 @@ def strict_schema(app: FastAPI, models: Mapping[str, ServedModel]) -> dict[str, 
     # A policy comes back as it was given (absent fields absent), so its output schema is its input's.
     if "Policy-Output" in components:
         components["Policy-Output"] = {"$ref": "#/components/schemas/Policy-Input"}
-    points = sorted({p.name for m in models.values() for p in m.manifest.frontier})
+    points = sorted({p.name for m in models for p in m.manifest.frontier})
     policy = components["Policy-Input"]["properties"]
     policy["point"]["enum"] = points
-    if len(exits := {m.runtime.num_exits for m in models.values()}) == 1:  # one threshold per exit
+    if len(exits := {m.runtime.num_exits for m in models}) == 1:  # one threshold per exit
         policy["thresholds"]["minItems"] = policy["thresholds"]["maxItems"] = exits.pop()
-    deepest = max(m.runtime.num_exits for m in models.values()) - 1
+    deepest = max(m.runtime.num_exits for m in models) - 1
     components["Budget"]["properties"]["max_exit"]["anyOf"][0]["maximum"] = deepest
-    for parameter in schema["paths"]["/v1/models/{name}/predict"]["post"]["parameters"]:
-        if parameter["name"] == "max_exit":
-            parameter["schema"]["anyOf"][0]["maximum"] = deepest
+    for path, operations in schema["paths"].items():
+        for parameter in operations["post"]["parameters"] if path.endswith("/predict") else []:
+            if parameter["name"] == "max_exit":
+                parameter["schema"]["anyOf"][0]["maximum"] = deepest
     return schema

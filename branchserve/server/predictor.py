@@ -18,7 +18,7 @@ from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Choice, Policy, cheapest_meeting, choose
 from branchserve.repo.tensors import FloatArray
 from branchserve.server.budget import Budget
-from branchserve.server.metrics import Metrics
+from branchserve.server.metrics import Metrics, ModelLabels
 from branchserve.server.runtime import ModelRuntime, Outcome
 
 RECHOOSE_SECONDS = 1.0  # a latency budget is re-priced with live stage latencies this often
@@ -63,10 +63,12 @@ class ServedModel:
         self.runtime = runtime
         self.manifest = runtime.manifest
         self.name = self.manifest.name
+        self.version = self.manifest.version
+        self.labels: ModelLabels = (self.name, str(self.version))  # of its metric series
         self.metrics = metrics
         self.full_macs = float(runtime.cumulative_macs[-1])
         self.load_point = Choice.of(cheapest_meeting(self.manifest, degrade_drop))
-        metrics.add_model(self.name, runtime.num_exits)
+        metrics.add_model(self.labels, runtime.num_exits)
         self._lock = threading.Lock()
         self.policy = policy
         self.set_policy(policy)
@@ -77,7 +79,7 @@ class ServedModel:
             if unless_changed_from is None or self.policy is unless_changed_from:
                 choice = choose(self.manifest, policy, self.runtime.clock.per_input_ms())
                 self.policy, self.choice, self.chosen_at = policy, choice, time.monotonic()
-                self.metrics.set_thresholds(self.name, choice.thresholds, self.expected_saved(choice))
+                self.metrics.set_thresholds(self.labels, choice.thresholds, self.expected_saved(choice))
             return self.choice
 
     def current(self) -> Choice:
@@ -130,13 +132,13 @@ class ServedModel:
         return started + deadline_ms / 1e3
 
     def _observe(self, outcome: Outcome, latency: float, source: Source, missed: bool | None) -> None:
-        m, name, exits = self.metrics, self.name, outcome.exits
-        m.observe_run(name, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
-        m.requests.labels(name, "ok").inc()
-        m.request_seconds.labels(name).observe(latency)
+        m, labels, exits = self.metrics, self.labels, outcome.exits
+        m.observe_run(labels, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
+        m.requests.labels(*labels, "ok").inc()
+        m.request_seconds.labels(*labels).observe(latency)
         if source == "load":
-            m.degraded.labels(name).inc()
+            m.degraded.labels(*labels).inc()
         if missed is not None:
-            m.deadline_requests.labels(name).inc()
-            m.deadline_stops.labels(name).inc(outcome.deadline_stopped)
-            m.deadline_misses.labels(name).inc(missed)
+            m.deadline_requests.labels(*labels).inc()
+            m.deadline_stops.labels(*labels).inc(outcome.deadline_stopped)
+            m.deadline_misses.labels(*labels).inc(missed)

@@ -6,7 +6,7 @@ contract that the numpy checks and the orjson response (server/encoding.py) impl
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from typing_extensions import TypeAliasType
@@ -16,6 +16,20 @@ from branchserve.repo.points import Policy
 from branchserve.server.budget import Budget
 
 EXAMPLE_INPUT: list[JsonValue] = [[0.0] * 28] * 28
+
+VERSIONED: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "version",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "a model version being served; routes without it use the highest",
+        }
+    ]
+}
+"""`openapi_extra` of a route under `.../versions/{version}/...`: the route reads the version from the path
+itself (the same function serves the route without it), so FastAPI does not document it."""
 
 
 Nested = TypeAliasType("Nested", "float | Annotated[list[Nested], Field(min_length=1)]")

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from branchserve.repo.points import Policy
+from branchserve.repo.versions import LATEST_ONE, VersionPolicy
 
 MIN_TOKEN_CHARS = 16
 
@@ -25,6 +26,17 @@ class Settings(BaseSettings):
     repository: Path = Field(Path("models"), description="model repository: <name>/<version>/manifest.json")
     host: str = Field("127.0.0.1", description="address to bind; the Docker image uses 0.0.0.0")
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol's gRPC service (needs branchserve[grpc]); 0 turns it off",
+    )
+    version_policy: str = Field(
+        LATEST_ONE,
+        description="which versions of each model to serve, as Triton's version_policy JSON: "
+        '{"latest": {"num_versions": N}}, {"all": {}} or {"specific": {"versions": [1, 3]}}',
+    )
     operating_point: str = Field(
         "{}",
         description="server operating point for every model, as the JSON the admin endpoint takes, e.g. "
@@ -86,6 +98,12 @@ class Settings(BaseSettings):
         Policy.model_validate_json(text)
         return text
 
+    @field_validator("version_policy")
+    @classmethod
+    def _is_version_policy(cls, text: str) -> str:
+        VersionPolicy.model_validate_json(text)
+        return text
+
     @field_validator("image_formats", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -101,3 +119,7 @@ class Settings(BaseSettings):
     @property
     def policy(self) -> Policy:
         return Policy.model_validate_json(self.operating_point)
+
+    @property
+    def versions(self) -> VersionPolicy:
+        return VersionPolicy.model_validate_json(self.version_policy)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import httptools
@@ -34,7 +34,8 @@ TIMED_OUT = "branchserve.timed_out"
 
 
 def _canned(status: str, message: str, extra: str = "", close: bool = False) -> bytes:
-    body = b'{"detail":"' + message.encode() + b'"}'
+    """An answer written by the connection itself; its body suits both APIs (native `detail`, OIP `error`)."""
+    body = b'{"detail":"' + message.encode() + b'","error":"' + message.encode() + b'"}'
     head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}"
     return (head + ("connection: close\r\n" if close else "") + "\r\n").encode() + body
 
@@ -54,8 +55,9 @@ class Door(enum.Enum):
     REFUSE = "a predict request refused at once"
 
 
-PredictModel = Callable[[bytes], str | None]
-"""The model a POST to this URL asks a prediction of, or None for any other request."""
+PredictModel = Callable[[bytes], Hashable | None]
+"""The model a POST to this URL asks a prediction of (as the application names it, passed back to
+`refuse`), or None for any other request."""
 
 
 class Guard:
@@ -68,7 +70,7 @@ class Guard:
         max_header_bytes: int,
         request_timeout_s: float,
         predict_model: PredictModel,
-        refuse: Callable[[str], bool],
+        refuse: Callable[[Any], bool],
         arrived: Callable[[], None],
         left: Callable[[], None],
     ) -> None:
