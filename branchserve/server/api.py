@@ -170,4 +170,5 @@ async def set_operating_point(
         model = server.repository.set_policy(name, policy)
     except ValueError as e:
         raise RequestError(422, str(e)) from None
+    server.peers.publish({"op": "policy", "model": name, "policy": policy.model_dump()})
     return current_point(model)

@@ -9,9 +9,12 @@ Inference Protocol's REST routes (server/oip/rest.py) and its gRPC service on `g
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -22,6 +25,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 
+from branchserve.repo.points import Policy
+from branchserve.repo.versions import VersionPolicy
 from branchserve.server import api, docs, probes
 from branchserve.server.admission import Admission
 from branchserve.server.auth import AdminToken, Keys
@@ -30,12 +35,15 @@ from branchserve.server.errors import RequestError, error_key, error_response
 from branchserve.server.metrics import Metrics, ModelLabels
 from branchserve.server.oip import repository_api
 from branchserve.server.oip import rest as oip_rest
+from branchserve.server.oip.repository_api import in_background
 from branchserve.server.openapi import strict_schema
 from branchserve.server.predictor import PredictError
 from branchserve.server.repository import ModelRepository, Serving
 from branchserve.server.settings import Settings
 from branchserve.server.state import ServerState
-from branchserve.server.transport import Guard
+from branchserve.server.transport import Guard, install
+from branchserve.server.warmup import warm_up
+from branchserve.server.workers import Change, Peers, RunFolder
 
 log = logging.getLogger("branchserve")
 ROUTERS = (api.router, probes.router, oip_rest.router, repository_api.router)
@@ -109,7 +117,22 @@ def server_state(settings: Settings) -> ServerState:
         "need the admin token" if admin.token else "disabled (no BRANCHSERVE_ADMIN_TOKEN)",
         "need an API key" if keys.required else "open to every client (no API keys)",
     )
-    return ServerState(settings, served_repository(settings, metrics), metrics, admission, limits, keys, admin)
+    peers = Peers(RunFolder.of_this_worker(), settings.workers)
+    repository = served_repository(settings, metrics)
+    return ServerState(settings, repository, metrics, admission, limits, keys, admin, peers)
+
+
+async def apply_change(server: ServerState, change: Change) -> None:
+    """An admin change another worker made and published (server/workers.py): make it here too."""
+    name, op = change["model"], change["op"]
+    if op == "policy":
+        server.repository.set_policy(name, Policy.model_validate(change["policy"]))
+    elif op == "load":
+        policy = None if change["version_policy"] is None else VersionPolicy.model_validate(change["version_policy"])
+        await in_background(server.repository.load, name, policy)
+    elif op == "unload":
+        await anyio.to_thread.run_sync(server.repository.unload, name)
+    log.info("worker %d: applied %s of %s from worker %s", os.getpid(), op, name, change["by"])
 
 
 PREDICT_ENDS = {(b"v1", b"predict"), (b"v2", b"infer")}  # (API, last path segment) of a predict URL
@@ -178,11 +201,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         server.limiter = anyio.CapacityLimiter(settings.inference_threads)
         grpc = None if grpc_service is None else await grpc_service.start(server, settings.host, settings.grpc_port)
+        following = asyncio.create_task(server.peers.follow(partial(apply_change, server)))
+        await warm_up(app)
+        server.peers.mark_ready()
         try:
             yield
         finally:
+            server.peers.leave()
+            following.cancel()
             if grpc is not None:
                 await grpc.stop(GRPC_GRACE_S)
+            server.metrics.leave()
 
     app = FastAPI(
         title="branchserve", description=DESCRIPTION, version="1", lifespan=lifespan, docs_url=None, redoc_url=None
@@ -207,4 +236,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # FastAPI's documented way to extend the schema is to replace this method on the instance.
     app.openapi = openapi  # type: ignore[method-assign]
+    install(connection_guard(app))  # for this process's connections (server/transport.py)
     return app
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (`branchserve serve --workers N`): its settings come from the
+    BRANCHSERVE_* variables the supervisor set."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")
+    return create_app(Settings())

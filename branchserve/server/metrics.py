@@ -3,9 +3,19 @@
 A registry per app (not the global one) lets tests run several apps in one process. The
 `*_created` series that prometheus-client adds to every counter and histogram are off: they
 doubled the series count and no dashboard reads them.
+
+With several workers (server/workers.py) every worker writes prometheus-client's multiprocess
+files and a scrape of any of them reads all: counters and histograms are summed exactly; the
+in-flight gauge is summed over live workers; the thresholds and the expected saving are the most
+recent any worker wrote (workers apply the same admin changes); `process_*` series are kept per
+worker, labelled `worker="<pid>"`.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import (
@@ -17,7 +27,11 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from branchserve.server.runtime import Outcome
 
@@ -26,6 +40,8 @@ STAGE_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 OUTCOMES = ("ok", "bad_input", "overloaded", "expired", "disconnected", "timed_out")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 ModelLabels = tuple[str, str]
 """(model, version): the labels every per-model series starts with."""
@@ -36,7 +52,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=r)
         self.requests = Counter(
             "branchserve_requests", "Predict requests by model and outcome", ["model", "version", "outcome"], registry=r
         )
@@ -48,7 +66,10 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "branchserve_in_flight_requests", "Predict requests admitted, not yet answered", registry=r
+            "branchserve_in_flight_requests",
+            "Predict requests received whole, not yet answered",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.degraded = Counter(
             "branchserve_degraded_requests",
@@ -90,12 +111,14 @@ class Metrics:
             "Server threshold of each exit at the current operating point",
             ["model", "version", "exit"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.expected_saved = Gauge(
             "branchserve_expected_compute_saved_ratio",
             "1 - expected MACs of the current operating point over full depth (NaN for explicit thresholds)",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.macs = Counter(
             "branchserve_compute_macs", "Multiply-accumulates computed", ["model", "version"], registry=r
@@ -150,4 +173,37 @@ class Metrics:
         self.full_depth_macs.labels(*labels).inc(full_macs)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        every_worker.register(WorkerProcesses(Path(self.multiprocess_dir)))
+        return generate_latest(every_worker)
+
+    def leave(self) -> None:
+        """This worker is stopping: its share of the in-flight gauge goes."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+class WorkerProcesses(Collector):
+    """CPU, memory and start time of every live worker, one series each, from /proc (prometheus-client's
+    own process collector reports only the process that answers the scrape)."""
+
+    def __init__(self, multiprocess_dir: Path) -> None:
+        self.multiprocess_dir = multiprocess_dir
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time", labels=["worker"])
+        memory = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory", labels=["worker"])
+        for pid in sorted({f.stem.rsplit("_", 1)[-1] for f in self.multiprocess_dir.glob("*.db")}):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (FileNotFoundError, ValueError):
+                continue  # a worker that has exited
+            fields = stat[stat.rindex(")") + 2 :].split()
+            cpu.add_metric([pid], (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+            memory.add_metric([pid], pages * PAGE_BYTES)
+        yield cpu
+        yield memory

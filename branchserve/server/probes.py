@@ -21,6 +21,8 @@ async def live() -> dict[str, bool]:
 async def ready(server: Annotated[ServerState, Depends(state)]) -> dict[str, object]:
     if server.limiter is None:
         raise RequestError(503, "starting up")
+    if not server.peers.all_ready():
+        raise RequestError(503, f"starting up: not all {server.settings.workers} workers are ready")
     return {"ready": True, "models": server.repository.names()}
 
 

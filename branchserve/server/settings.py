@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         description="server operating point for every model, as the JSON the admin endpoint takes, e.g. "
         '{"max_accuracy_drop": 0.005}; {} is the manifest\'s default',
     )
+    workers: int = Field(
+        os.cpu_count() or 1,
+        ge=1,
+        description="server processes on one port, each with every model (one per core: each answers small "
+        "requests on its own event loop, so one process uses one core)",
+    )
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads inside each stage session")
     inference_threads: int = Field(os.cpu_count() or 1, ge=1, description="requests computed at once: one per core")
     inline_body_bytes: int = Field(
@@ -115,6 +121,21 @@ class Settings(BaseSettings):
         if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
             raise ValueError(f"must have at least {MIN_TOKEN_CHARS} characters (an empty token does not disable it)")
         return token
+
+    def environment(self) -> dict[str, str]:
+        """The settings given (by flag or variable) as BRANCHSERVE_* variables, secrets included: what a
+        worker process, which inherits the environment but not the command line, starts from."""
+        env = {}
+        for name in sorted(self.model_fields_set):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in value)
+            elif isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"BRANCHSERVE_{name.upper()}"] = str(value)
+        return env
 
     @property
     def policy(self) -> Policy:

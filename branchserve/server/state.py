@@ -15,6 +15,7 @@ from branchserve.server.metrics import Metrics
 from branchserve.server.predictor import ServedModel
 from branchserve.server.repository import ModelRepository
 from branchserve.server.settings import Settings
+from branchserve.server.workers import Peers
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ServerState:
     limits: Limits
     keys: Keys
     admin_token: AdminToken
+    peers: Peers  # the other worker processes, if any: admin changes go to them too
     limiter: anyio.CapacityLimiter | None = None  # made at startup, inside the event loop
 
     def model(self, name: str, version: int | str | None = None) -> ServedModel:

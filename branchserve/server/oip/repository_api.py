@@ -108,6 +108,7 @@ async def load_model(name: str, request: Request, server: Annotated[ServerState,
         versions = await in_background(server.repository.load, name, policy)
     except RepositoryError as e:
         raise RequestError(400, f"load of {name!r} failed, nothing changed: {e}") from None
+    server.peers.publish({"op": "load", "model": name, "version_policy": policy and policy.model_dump()})
     return {"name": name, "versions": [str(v) for v in versions]}
 
 
@@ -117,4 +118,5 @@ async def unload_model(name: str, request: Request, server: Annotated[ServerStat
     if unsupported := ask.parameters.keys() - {"unload_dependents"}:
         raise RequestError(400, f"unload parameters {sorted(unsupported)} are not supported")
     versions = await anyio.to_thread.run_sync(server.repository.unload, name)  # waits for a load in progress
+    server.peers.publish({"op": "unload", "model": name})
     return {"name": name, "unloaded": [str(v) for v in versions]}
