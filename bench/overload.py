@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = branchserve_cmd(ROOT / "models", port, "--log-level", "warning")
+        cmd = branchserve_cmd(ROOT / "models", port, "--workers", "1", "--log-level", "warning")
         with started_server(cmd, port, Path(tmp) / "server.log") as server:
             step(server.url, server.pid, args.start, 3.0)  # warm up
             cap = capacity(server.url, server.pid, args.start, args.step, args.p99_ms, args.seconds)
