@@ -1,0 +1,101 @@
+"""What streaming a large image folder costs: time to the first training batch and peak memory.
+
+    python bench/folder_stream.py /tmp/shapes-100k --files 100000 --size 32 --workers 2
+
+Writes the folder first if it holds no images (coloured shapes, `branchserve.training.synthetic`,
+one sub-folder per class), then measures in a fresh process, so its memory is the loader's own:
+listing and splitting the files, measuring the per-channel statistics, and the first training
+batch in a shuffled epoch order, as `branchserve train` reads them; then `--batches` more batches
+for the decoding rate. Peak RSS (VmHWM) is read for the main process and for each DataLoader
+worker while they run. For scale, the float32 inputs of every image held in memory at once
+(as the folder dataset did before it streamed) are computed, not allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from branchserve.training.config import DataSource
+from branchserve.training.data import load_data
+from branchserve.training.synthetic import class_names, write_folder
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM of a process, in MB (0 once it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
+
+
+def children() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    started = time.perf_counter()
+    source = DataSource(kind="image-folder", path=args.folder, image_size=args.size, color="rgb")
+    data = load_data(source, workers=args.workers)
+    loaded = time.perf_counter()
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+    batches = data.train.batches(args.batch_size, order)
+    next(batches)
+    first = time.perf_counter()
+    workers: dict[int, float] = {}
+    seen = 0
+    for x, _ in batches:
+        seen += len(x)
+        workers.update({pid: max(workers.get(pid, 0.0), peak_rss_mb(pid)) for pid in children()})
+        if seen >= args.batches * args.batch_size:
+            break
+    done = time.perf_counter()
+    c, h, w = data.input.shape
+    return {
+        "files": sum(len(s) for s in (data.train, data.val, data.test)),
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "list_split_and_statistics_s": round(loaded - started, 2),
+        "statistics_images": data.notes["input"]["statistics_images"],
+        "first_batch_s": round(first - started, 2),
+        "decode_images_per_s": round(seen / (done - first)),
+        "peak_rss_main_mb": round(peak_rss_mb(), 1),
+        "peak_rss_per_worker_mb": sorted(round(v, 1) for v in workers.values()),
+        "all_inputs_in_memory_mb": round(len(data.train) * c * h * w * 4 / 2**20, 1),
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="image folder (written first when it holds no class sub-folders)")
+    p.add_argument("--files", type=int, default=100_000, help="images to write, spread over the classes")
+    p.add_argument("--size", type=int, default=32, help="image and input size")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=100, help="batches after the first, for the decoding rate")
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the fresh process
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args)))
+        return
+    if not args.folder.is_dir() or not any(args.folder.iterdir()):
+        t = time.perf_counter()
+        write_folder(args.folder, args.files // len(class_names()), sizes=((args.size, args.size),))
+        print(f"wrote {args.files} images to {args.folder} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    subprocess.run([sys.executable, *sys.argv, "--measure"], check=True)
+
+
+if __name__ == "__main__":
+    main()
