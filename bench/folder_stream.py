@@ -1,14 +1,16 @@
 """What streaming a large image folder costs: time to the first training batch and peak memory.
 
-    python bench/folder_stream.py /tmp/shapes-100k --files 100000 --size 32 --workers 2
+    python bench/folder_stream.py /tmp/shapes-100k --files 100000 --size 32 --workers 2 --repeats 3
 
 Writes the folder first if it holds no images (coloured shapes, `branchserve.training.synthetic`,
 one sub-folder per class), then measures in a fresh process, so its memory is the loader's own:
 listing and splitting the files, measuring the per-channel statistics, and the first training
 batch in a shuffled epoch order, as `branchserve train` reads them; then `--batches` more batches
-for the decoding rate. Peak RSS (VmHWM) is read for the main process and for each DataLoader
-worker while they run. For scale, the float32 inputs of every image held in memory at once
-(as the folder dataset did before it streamed) are computed, not allocated.
+for the decoding rate. Peak RSS (VmHWM) is read for the main process (and its RSS before loading:
+the interpreter, torch and branchserve) and for each DataLoader worker while they run (a worker's
+RSS counts the pages it shares with the main process). For scale, the float32 inputs of every
+training image held in memory at once (as the folder dataset did before it streamed) are
+computed, not allocated. Each repeat is a fresh process; the median of each figure is printed last.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -44,7 +47,13 @@ def children() -> list[int]:
     return pids
 
 
+def rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")) / 1024
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
+    before = rss_mb()
     started = time.perf_counter()
     source = DataSource(kind="image-folder", path=args.folder, image_size=args.size, color="rgb")
     data = load_data(source, workers=args.workers)
@@ -67,9 +76,10 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "workers": args.workers,
         "batch_size": args.batch_size,
         "list_split_and_statistics_s": round(loaded - started, 2),
-        "statistics_images": data.notes["input"]["statistics_images"],
+        "statistics_images": data.notes["input_measured"]["statistics_images"],
         "first_batch_s": round(first - started, 2),
         "decode_images_per_s": round(seen / (done - first)),
+        "rss_before_loading_mb": round(before, 1),
         "peak_rss_main_mb": round(peak_rss_mb(), 1),
         "peak_rss_per_worker_mb": sorted(round(v, 1) for v in workers.values()),
         "all_inputs_in_memory_mb": round(len(data.train) * c * h * w * 4 / 2**20, 1),
@@ -85,6 +95,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=100, help="batches after the first, for the decoding rate")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes to measure in")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the fresh process
     args = p.parse_args()
     if args.measure:
@@ -94,7 +105,13 @@ def main() -> None:
         t = time.perf_counter()
         write_folder(args.folder, args.files // len(class_names()), sizes=((args.size, args.size),))
         print(f"wrote {args.files} images to {args.folder} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    subprocess.run([sys.executable, *sys.argv, "--measure"], check=True)
+    rows = []
+    for _ in range(args.repeats):
+        out = subprocess.run([sys.executable, *sys.argv, "--measure"], check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout))
+        print(out.stdout.strip())
+    numbers = [k for k, v in rows[0].items() if isinstance(v, int | float)]
+    print(json.dumps({"median": {k: statistics.median(r[k] for r in rows) for k in numbers}}))
 
 
 if __name__ == "__main__":

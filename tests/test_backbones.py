@@ -241,6 +241,10 @@ def test_a_backbone_by_import_path_and_its_errors() -> None:
         (["--freeze-backbone"], "--freeze-backbone keeps a trained backbone as it is: name it with --init"),
         (["--init", "nowhere.pt"], "--init nowhere.pt: not found"),
         (["--image-size", "4"], "image_size: Input should be greater than or equal to 8"),
+        (
+            ["--backbone", "resnet18", "--branch-after", "layer1", "--branches", "4"],
+            "--branch-after names 1 exits before the final one: drop --branches",
+        ),
     ],
 )
 def test_backbone_flags_stop_in_one_line_before_any_data_loads(tmp_path: Path, flags: list[str], message: str) -> None:

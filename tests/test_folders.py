@@ -98,7 +98,7 @@ def test_per_channel_statistics_are_measured_on_the_training_images(shapes: Path
     scaled = pixels.reshape(-1, 3).astype(np.float64) / 255
     np.testing.assert_allclose(data.input.mean, scaled.mean(0), atol=1e-6)
     np.testing.assert_allclose(data.input.std, scaled.std(0), atol=1e-6)
-    assert len(set(data.input.mean)) == 3 and data.notes["input"]["statistics_images"] == 96
+    assert len(set(data.input.mean)) == 3 and data.notes["input_measured"]["statistics_images"] == 96
     x, _ = everything(data.train)  # normalised by them: each channel near mean 0, std 1
     np.testing.assert_allclose(x.mean((0, 2, 3)), 0, atol=1e-4)
     np.testing.assert_allclose(x.std((0, 2, 3)), 1, atol=1e-2)

@@ -242,7 +242,7 @@ def test_a_folder_trained_run_exports_from_its_own_record(tmp_path: Path) -> Non
     summary = json.loads((run / "summary.json").read_text())
     source = {"kind": "image-folder", "path": str((tmp_path / "imgs").resolve()), "split_seed": 0, "image_size": None}
     source |= {"color": None, "resize": "stretch", "bad_images": "skip"}
-    assert {k: v for k, v in summary["data"].items() if k != "input"} == {
+    assert {k: v for k, v in summary["data"].items() if k != "input_measured"} == {
         "name": "imgs",
         "train": 18,
         "val": 3,
@@ -254,7 +254,7 @@ def test_a_folder_trained_run_exports_from_its_own_record(tmp_path: Path) -> Non
         "ignored_files": 0,
         "skipped": {},
     }
-    assert summary["data"]["input"]["statistics_images"] == 18 and summary["input"]["color_mode"] == "RGB"
+    assert summary["data"]["input_measured"]["statistics_images"] == 18 and summary["input"]["color_mode"] == "RGB"
     export = [sys.executable, "-m", "branchserve.cli", "export", str(run), "--repo", str(repo), "--name", "folder"]
     exported = subprocess.run([*export, "--batch-sizes", "1", "--runs", "50"], capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr

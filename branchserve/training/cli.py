@@ -94,7 +94,9 @@ def regime(args: argparse.Namespace) -> tuple[RegimeConfig, list[int] | None]:
             fail("train", "--freeze-backbone trains the exits only (schedule exits-only): drop --schedule")
         flags["schedule"] = "exits-only"
     if args.branch_after:
-        flags["branches"] = len(args.branch_after.split(",")) + 1  # the named cuts, then the final exit
+        named = len(args.branch_after.split(",")) + 1  # the named cuts, then the final exit
+        if flags.setdefault("branches", named) != named:
+            fail("train", f"--branch-after names {named - 1} exits before the final one: drop --branches")
     try:
         cfg = RegimeConfig(**{**PRESETS[args.preset], **quick, **flags})
     except ValidationError as e:

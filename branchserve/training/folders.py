@@ -38,6 +38,7 @@ AUTO_HEADERS = 256
 STATS_IMAGES = 5000
 """Training images (a seeded sample, or all if fewer) the per-channel mean and std are measured on."""
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+SCORING_BYTES = 32 << 20
 
 
 @dataclass
@@ -117,6 +118,10 @@ class FolderSplit:
     def batches(
         self, batch_size: int, order: Tensor | None = None, desc: str | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches in `order` (training: exactly `batch_size`), or in stored order for scoring, where
+        a batch holds at most SCORING_BYTES of inputs, so prefetching workers hold little at 224×224."""
+        if order is None:
+            batch_size = min(batch_size, max(1, SCORING_BYTES // (4 * int(np.prod(self.spec.shape)))))
         idx = np.arange(len(self)) if order is None else order.numpy()
         chunks = [idx[i : i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
         return self.reader.batches(_Files(self.paths, self.y.numpy(), self.spec), chunks, desc)
@@ -231,7 +236,7 @@ def load_image_folder(
     }
     notes: dict[str, object] = {"layout": listing.layout, "ignored_files": listing.ignored}
     if spec is None:
-        spec, notes["input"] = input_spec(source, *arrays["train"], reader)
+        spec, notes["input_measured"] = input_spec(source, *arrays["train"], reader)
     notes["skipped"] = reader.skipped  # filled in as unreadable images are met, for the run's summary
     train, val, test = (FolderSplit(*arrays[s], spec, reader) for s in ("train", "val", "test"))
     return Dataset(source.path.name, listing.classes, spec, train, val, test, source, notes)

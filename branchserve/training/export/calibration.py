@@ -43,8 +43,7 @@ def exit_scores(
     logits: list[list[np.ndarray]] = [[] for _ in range(n)]
     labels = []
     name = full.get_inputs()[0].name
-    steps = -(-len(split) // batch)
-    for x, y in tqdm(split.batches(batch), total=steps, desc=desc, unit="batch", leave=False, disable=not progress):
+    for x, y in tqdm(split.batches(batch), desc=desc, unit="batch", leave=False, disable=not progress):
         for k, z in enumerate(full.run([logits_name(j) for j in range(n)], {name: x.numpy()})):
             logits[k].append(z)
         labels.append(y.numpy())
