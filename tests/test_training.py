@@ -239,7 +239,11 @@ def test_a_folder_trained_run_exports_from_its_own_record(tmp_path: Path) -> Non
     trained = cli("--data-dir", str(tmp_path / "imgs"), "--out", str(run), *flags)
     _, stderr = trained.communicate(timeout=300)
     assert trained.returncode == 0, stderr
+    assert "scanning" in stderr and "images" in stderr  # progress while the folder is listed
+    assert "epoch 1:" in stderr and "batch" in stderr  # and over each epoch's batches
     summary = json.loads((run / "summary.json").read_text())
+    size = summary["input"]["shape"][1]
+    assert f"input: {size}×{size} RGB (stretch), per-channel mean/std" in stderr  # the spec, said before training
     source = {"kind": "image-folder", "path": str((tmp_path / "imgs").resolve()), "split_seed": 0, "image_size": None}
     source |= {"color": None, "resize": "stretch", "bad_images": "skip"}
     assert {k: v for k, v in summary["data"].items() if k != "input_measured"} == {
