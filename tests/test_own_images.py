@@ -1,16 +1,20 @@
 """Your own images and your own network, end to end: a generated colour dataset where colour decides
 the class, at 32×32 and at 64×64 (from images of other sizes and shapes, centre-cropped), and a
 user's backbone named by import path: trained, exported, served by the real server, and an uploaded
-image answered as torch answers it, through the per-channel normalisation the manifest stores."""
+image answered as torch answers it, through the per-channel normalisation the manifest stores, on the
+native API and on every Open Inference Protocol door (REST binary and JSON, gRPC)."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
 from PIL import Image
 from serving import running_server
 
@@ -27,6 +31,7 @@ from branchserve.training.synthetic import COLOURS, write_folder
 from branchserve.training.train import load_model
 
 TOLERANCE = 1e-4
+PATIENT = ["--max-wait-ms", "5000", "--queue-target-ms", "5000"]  # one client at a time: no overload to shed
 TRAIN = ["--epochs", "2", "--finetune-epochs", "1", "--batch-size", "32", "--workers", "2", "--threads", "2"]
 WIDTHS = ["--widths", ",".join(["16"] * 8)]
 MODELS = {
@@ -84,22 +89,18 @@ def test_an_upload_is_converted_as_training_converted_it_and_answered_as_torch_a
     trained: tuple[Path, dict[str, Path]],
 ) -> None:
     repo, runs = trained
-    patient = ["--max-wait-ms", "5000", "--queue-target-ms", "5000"]  # one client at a time: no overload to shed
-    with running_server(repo, *patient) as server, server.client() as client:
+    with running_server(repo, *PATIENT) as server, server.client() as client:
         for name, run in runs.items():
             version = repo / name / "1"
             manifest = load_version(version)
             meta = client.get(f"/v1/models/{name}").raise_for_status().json()
             assert tuple(meta["input"]["mean"]) == manifest.input.mean and len(meta["input"]["std"]) == 3
-            model, _ = load_model(run)
             stages = [load_session(version / s.file) for s in manifest.stages]
             files, trained_inputs = uploads(manifest)
-            for path, x in zip(files, trained_inputs, strict=True):
+            for path, x, expected in zip(files, trained_inputs, torch_logits(run, trained_inputs), strict=True):
                 body = path.read_bytes()
                 served = image_to_input(open_image(body), manifest.input)
                 assert np.array_equal(served, x.numpy()), path  # one conversion, bit for bit
-                with torch.no_grad():
-                    expected = [z.numpy()[0] for z in model(x[None])]
                 chain = run_chain(stages, served[None])
                 for k, (got, want) in enumerate(zip(chain, expected, strict=True)):
                     assert np.abs(got[0] - want).max() <= TOLERANCE, (name, path, k)
@@ -108,6 +109,49 @@ def test_an_upload_is_converted_as_training_converted_it_and_answered_as_torch_a
                     assert answer["exit"] == exit_ and answer["class"] == int(expected[exit_].argmax()), (name, path)
                     probabilities = torch.softmax(torch.from_numpy(expected[exit_]), 0).numpy()
                     assert np.abs(np.asarray(answer["probabilities"]) - probabilities).max() <= TOLERANCE
+
+
+def test_every_oip_door_takes_the_colour_shape_and_answers_as_torch(trained: tuple[Path, dict[str, Path]]) -> None:
+    """Model metadata gives each model's (3, H, W); the uploaded files as BYTES images and their tensors as
+    FP32, over REST (binary tensors and JSON) and gRPC, get torch's final-exit logits."""
+    repo, runs = trained
+    with running_server(repo, *PATIENT) as server:
+        rest = thttp.InferenceServerClient(server.url.removeprefix("http://"))
+        grpc = tgrpc.InferenceServerClient(server.grpc)
+        for name, run in runs.items():
+            manifest = load_version(repo / name / "1")
+            shape = [-1, *manifest.input.shape]
+            assert rest.get_model_metadata(name)["inputs"][0]["shape"] == shape
+            assert list(grpc.get_model_metadata(name).inputs[0].shape) == shape
+            files, x = uploads(manifest)
+            final = torch_logits(run, x)[:, -1]
+            images = np.array([p.read_bytes() for p in files], dtype=object)
+            for module, client in ((thttp, rest), (tgrpc, grpc)):
+                for binary in (True, False) if module is thttp else (True,):
+                    for tensor in oip_inputs(module, images, x.numpy(), binary):
+                        result = client.infer(name, [tensor], parameters={"max_accuracy_drop": 0.0})
+                        assert result.as_numpy("exit").tolist() == [len(manifest.exits) - 1] * len(files)
+                        assert np.abs(result.as_numpy("logits") - final).max() <= TOLERANCE, (name, module, binary)
+        rest.close()
+        grpc.close()
+
+
+def torch_logits(run: Path, x: torch.Tensor) -> np.ndarray:
+    """(N, exits, classes): what the trained torch model says at each exit."""
+    model, _ = load_model(run)
+    with torch.no_grad():
+        return np.stack([z.numpy() for z in model(x)], axis=1)
+
+
+def oip_inputs(module: object, images: np.ndarray, x: np.ndarray, binary: bool) -> list[object]:
+    """The same inputs as OIP tensors: the image files (BYTES; base64 text in JSON) and the tensors the
+    server makes of them (FP32)."""
+    image = module.InferInput("image", [len(images)], "BYTES")
+    tensor = module.InferInput("input", list(x.shape), "FP32")
+    if module is thttp:
+        elements = images if binary else np.array([base64.b64encode(b).decode() for b in images], dtype=object)
+        return [image.set_data_from_numpy(elements, binary_data=binary), tensor.set_data_from_numpy(x, binary)]
+    return [image.set_data_from_numpy(images), tensor.set_data_from_numpy(x)]
 
 
 def predict(client: httpx.Client, name: str, body: bytes, suffix: str, budget: dict[str, str]) -> dict:
