@@ -11,6 +11,12 @@ the interpreter, torch and branchserve) and for each DataLoader worker while the
 RSS counts the pages it shares with the main process). For scale, the float32 inputs of every
 training image held in memory at once (as the folder dataset did before it streamed) are
 computed, not allocated. Each repeat is a fresh process; the median of each figure is printed last.
+
+    python bench/folder_stream.py /tmp/shapes-100k --corrupt 10
+
+adds 10 corrupt files (a PNG signature, then noise) to the class folders and, in a fresh process,
+reads one whole training epoch with `--bad-images skip` (images read, images skipped) and then
+with `--bad-images fail` (how far it got, and the error).
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from branchserve.training.config import DataSource
-from branchserve.training.data import load_data
+from branchserve.training.data import DataError, load_data
 from branchserve.training.synthetic import class_names, write_folder
 
 
@@ -87,6 +94,32 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def write_corrupt(folder: Path, n: int) -> None:
+    """n files that list as PNGs (their first bytes) and fail to decode, spread over the classes."""
+    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    noise = np.random.default_rng(0).bytes(2000)
+    for k in range(n):
+        (classes[k % len(classes)] / f"corrupt-{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + noise)
+
+
+def read_epoch(args: argparse.Namespace, bad_images: str) -> dict[str, object]:
+    """One training epoch of the folder, as `branchserve train --bad-images ...` reads it (statistics first)."""
+    started = time.perf_counter()
+    source = DataSource(kind="image-folder", path=args.folder, image_size=args.size, bad_images=bad_images)
+    row: dict[str, object] = {"bad_images": bad_images}
+    read, error = 0, None
+    try:
+        data = load_data(source, workers=args.workers, progress=False)
+        row |= {"train_files": len(data.train), "corrupt_in_train": sum(b"corrupt-" in p for p in data.train.paths)}
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+        for x, _ in data.train.batches(args.batch_size, order):
+            read += len(x)
+        row["skipped"] = len(data.train.reader.skipped)
+    except DataError as e:
+        error = str(e)
+    return row | {"images_read": read, "error": error, "seconds": round(time.perf_counter() - started, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="image folder (written first when it holds no class sub-folders)")
@@ -96,15 +129,25 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=100, help="batches after the first, for the decoding rate")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes to measure in")
+    p.add_argument(
+        "--corrupt", type=int, default=0, help="add this many corrupt files and read an epoch with each --bad-images"
+    )
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the fresh process
     args = p.parse_args()
     if args.measure:
-        print(json.dumps(measure(args)))
+        rows = [read_epoch(args, bad) for bad in ("skip", "fail")] if args.corrupt else [measure(args)]
+        print("\n".join(json.dumps(r) for r in rows))
         return
     if not args.folder.is_dir() or not any(args.folder.iterdir()):
         t = time.perf_counter()
         write_folder(args.folder, args.files // len(class_names()), sizes=((args.size, args.size),))
         print(f"wrote {args.files} images to {args.folder} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if args.corrupt:
+        write_corrupt(args.folder, args.corrupt)
+        print(
+            subprocess.run([sys.executable, *sys.argv, "--measure"], check=True, capture_output=True, text=True).stdout
+        )
+        return
     rows = []
     for _ in range(args.repeats):
         out = subprocess.run([sys.executable, *sys.argv, "--measure"], check=True, capture_output=True, text=True)
