@@ -1,8 +1,9 @@
 """Your own images and your own network, end to end: a generated colour dataset where colour decides
-the class, at 32×32 and at 64×64 (from images of other sizes and shapes, centre-cropped), and a
-user's backbone named by import path: trained, exported, served by the real server, and an uploaded
-image answered as torch answers it, through the per-channel normalisation the manifest stores, on the
-native API and on every Open Inference Protocol door (REST binary and JSON, gRPC)."""
+the class, at 32×32 and at 64×64 (from images of other sizes and shapes, centre-cropped), the
+built-in mobile-style backbone, and a user's backbone named by import path: trained, exported,
+served by the real server, and an uploaded image answered as torch answers it, through the
+per-channel normalisation the manifest stores, on the native API and on every Open Inference
+Protocol door (REST binary and JSON, gRPC)."""
 
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ MODELS = {
     "shapes-32": ("c32", WIDTHS),
     "shapes-64": ("c64", [*WIDTHS, "--image-size", "64", "--resize", "center-crop"]),
     "mine": ("c32", ["--backbone", "user_backbone:build", "--branch-after", "block2,block3"]),
+    "mobile": ("c32", ["--backbone", "mobilenet", "--branches", "3"]),
 }
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    """Three runs exported into one repository: (repository, run folder of each model)."""
+    """Four runs exported into one repository: (repository, run folder of each model)."""
     root = tmp_path_factory.mktemp("own")
     write_folder(root / "c32", per_class=20)
     write_folder(root / "c64", per_class=20, sizes=((64, 64), (80, 60), (60, 90)), seed=1)
