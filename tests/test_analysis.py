@@ -139,7 +139,7 @@ def synthetic(n: int, seed: int) -> Split:
 
 @pytest.fixture(scope="module")
 def data() -> Dataset:
-    spec = InputSpec(shape=(1, 12, 12), color_mode="L", mean=0.0, std=1.0)
+    spec = InputSpec(shape=(1, 12, 12), color_mode="L", mean=(0.0,), std=(1.0,))
     return Dataset("synthetic", ["a", "b", "c", "d"], spec, synthetic(300, 0), synthetic(200, 1), synthetic(200, 2))
 
 

@@ -103,7 +103,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
         r"file '\.\./full\.onnx' must be a plain name",
     ),
     "wrong schema version": (
-        lambda v: edit_manifest(v, lambda m: m.update(schema_version=2)),
+        lambda v: edit_manifest(v, lambda m: m.update(schema_version=3)),
         r"invalid manifest at 'schema_version'",
     ),
     "not JSON": (lambda v: (v / MANIFEST_FILE).write_text("{"), r"invalid manifest"),

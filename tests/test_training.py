@@ -27,12 +27,13 @@ from branchserve.training.cli import QUICK_REGIME, regime, serving_hint
 from branchserve.training.config import (
     PRESETS,
     ArchConfig,
+    DataSource,
     RegimeConfig,
     arch_for,
     equidistant_positions,
     loss_weights,
 )
-from branchserve.training.data import Dataset, load_fashion_mnist, load_image_folder
+from branchserve.training.data import Dataset, load_data, load_fashion_mnist
 from branchserve.training.model import BranchedNet, stage_macs
 from branchserve.training.regime import phases
 from branchserve.training.train import exit_losses, make_optimizer, set_trainable, train_epoch
@@ -220,11 +221,13 @@ def make_folder(root: Path) -> None:
 
 
 def test_folder_dataset_mixed_sizes_and_colours(tmp_path: Path) -> None:
+    source = DataSource(kind="image-folder", path=tmp_path / "imgs", image_size=28, color="grey")
     make_folder(tmp_path / "imgs")
-    data = load_image_folder(tmp_path / "imgs")
+    data = load_data(source, workers=0, progress=False)
     assert data.labels == ["boots", "hats", "socks"]
-    assert (len(data.train), len(data.val), len(data.test)) == (20, 2, 2)
-    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.float32
+    assert (len(data.train), len(data.val), len(data.test)) == (18, 3, 3)  # 6, 1 and 1 of each class
+    x = data.train.loaded().x
+    assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32
     assert sorted(set(data.train.y.tolist())) == [0, 1, 2]
 
 
@@ -236,16 +239,26 @@ def test_a_folder_trained_run_exports_from_its_own_record(tmp_path: Path) -> Non
     trained = cli("--data-dir", str(tmp_path / "imgs"), "--out", str(run), *flags)
     _, stderr = trained.communicate(timeout=300)
     assert trained.returncode == 0, stderr
+    assert "scanning" in stderr and "images" in stderr  # progress while the folder is listed
+    assert "epoch 1:" in stderr and "batch" in stderr  # and over each epoch's batches
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data"] == {
+    size = summary["input"]["shape"][1]
+    assert f"input: {size}×{size} RGB (stretch), per-channel mean/std" in stderr  # the spec, said before training
+    source = {"kind": "image-folder", "path": str((tmp_path / "imgs").resolve()), "split_seed": 0, "image_size": None}
+    source |= {"color": None, "resize": "stretch", "bad_images": "skip"}
+    assert {k: v for k, v in summary["data"].items() if k != "input_measured"} == {
         "name": "imgs",
-        "train": 20,
-        "val": 2,
-        "test": 2,
-        "source": {"kind": "image-folder", "path": str((tmp_path / "imgs").resolve()), "split_seed": 0},
+        "train": 18,
+        "val": 3,
+        "test": 3,
+        "source": source,
         "train_limit": None,
         "eval_limit": None,
+        "layout": "class folders",
+        "ignored_files": 0,
+        "skipped": {},
     }
+    assert summary["data"]["input_measured"]["statistics_images"] == 18 and summary["input"]["color_mode"] == "RGB"
     export = [sys.executable, "-m", "branchserve.cli", "export", str(run), "--repo", str(repo), "--name", "folder"]
     exported = subprocess.run([*export, "--batch-sizes", "1", "--runs", "50"], capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
@@ -269,11 +282,7 @@ def test_bad_paths_and_corrupt_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="corrupt"):
         read_idx(bad)
     with pytest.raises(DataError, match="not a folder"):
-        load_image_folder(tmp_path / "missing")
-    make_folder(tmp_path / "imgs")
-    (tmp_path / "imgs" / "hats" / "broken.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(DataError, match=r"broken\.png"):
-        load_image_folder(tmp_path / "imgs")
+        load_data(DataSource(kind="image-folder", path=tmp_path / "missing"))
     proc = cli("--fmnist-dir", str(tmp_path), "--out", str(tmp_path / "run"))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0

@@ -11,8 +11,6 @@ readiness) for the same locust users to drive it, so the load tests compare like
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,27 +19,28 @@ import numpy as np
 import onnxruntime as ort
 import uvicorn
 from fastapi import Body, FastAPI, HTTPException
-from PIL import Image
 
+from branchserve.repo.imaging import image_to_input, open_image
 from branchserve.repo.loading import latest_version
-from branchserve.repo.manifest import RepositoryError
+from branchserve.repo.manifest import RepositoryError, load_manifest
 
 
 def create_app(version_dir: Path) -> FastAPI:
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    spec, labels = manifest["input"], manifest["labels"]
-    channels, height, width = spec["shape"]
+    checked = load_manifest(version_dir)
+    manifest = checked.model_dump(mode="json")
+    spec, labels = checked.input, manifest["labels"]
     graph = manifest["full_graph"]
     session = ort.InferenceSession(str(version_dir / graph["file"]), providers=["CPUExecutionProvider"])
     input_name, output_name = graph["input_name"], graph["logits_outputs"][-1]
 
     def preprocess(body: bytes | dict) -> np.ndarray:
+        """Images as the model was trained on them (the repository's conversion, which any client of
+        the manifest could reimplement), or inputs already normalised."""
         if isinstance(body, bytes):
-            image = Image.open(io.BytesIO(body)).convert(spec["color_mode"]).resize((width, height))
-            x = (np.asarray(image, np.float32) * spec["scale"] - spec["mean"]) / spec["std"]
+            x = image_to_input(open_image(body), spec)
         else:
             x = np.asarray(body["inputs"], np.float32)
-        return x.reshape(-1, channels, height, width)
+        return x.reshape(-1, *spec.shape)
 
     app = FastAPI(title="baseline")
 

@@ -1,4 +1,8 @@
-"""Turn a client's image into a model input, exactly as training's folder dataset does."""
+"""Turn an image into a model input: the one conversion both the server and training's datasets run.
+
+`image_to_pixels` makes the image the model's size and colour (uint8, what the per-channel
+statistics are computed on); `normalise` scales it and subtracts each channel's mean.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from branchserve.repo.manifest import InputSpec
@@ -17,6 +22,11 @@ SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 """The formats an image may have, by their first bytes; Pillow's plugin names are the upper-case keys.
 Anything else is refused before a decoder runs: Pillow reads dozens of formats, some of which decode
 inside `Image.open` (an ICO's embedded PNG) or hand the data to other programs (EPS to Ghostscript)."""
+ALPHA_MODES = ("RGBA", "LA", "PA", "P")
+"""Modes that may carry transparency: composited on black first, so a transparent area is black in
+every colour mode (converting RGBA to RGB would otherwise keep whatever colour hides behind it)."""
+
+PixelArray = npt.NDArray[np.uint8]
 
 
 class ImageError(ValueError):
@@ -42,23 +52,50 @@ def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> Image
     return img
 
 
-def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
-    """Convert colour mode, resize to the input size, scale and normalise; returns (C, H, W) float32."""
+def _resized(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """`stretch` resamples the whole image to the input size; `center-crop` resamples only the
+    largest centred region of the input's aspect ratio (one resampling: PIL's `box`), which is
+    resizing the shorter side to fit and cutting the centre out."""
+    _, height, width = spec.shape
+    if spec.resize == "stretch":
+        return img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BILINEAR)
+    w, h = img.size
+    if w * height > h * width:  # wider than the input: keep the full height
+        crop = h * width / height
+        box = ((w - crop) / 2, 0.0, (w + crop) / 2, float(h))
+    else:
+        crop = w * height / width
+        box = (0.0, (h - crop) / 2, float(w), (h + crop) / 2)
+    return img.resize((width, height), Image.Resampling.BILINEAR, box=box)
+
+
+def image_to_pixels(img: Image.Image, spec: InputSpec) -> PixelArray:
+    """Decode, composite transparency on black, convert to the colour mode and resize by the
+    spec's policy; returns (height, width, channels) uint8."""
     channels, height, width = spec.shape
     try:
         img.load()
     except DECODE_ERRORS as e:
         raise ImageError(f"cannot decode image: {e}") from None
-    if img.mode in ("RGBA", "LA", "P") and spec.color_mode == "L":
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
     try:
-        img = img.convert(spec.color_mode)
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
+        if img.mode in ALPHA_MODES:
+            img = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+        img = _resized(img.convert(spec.color_mode), spec)
     except DECODE_ERRORS as e:
         raise ImageError(f"cannot convert a {img.mode} image to {spec.color_mode}: {e}") from None
-    arr = np.asarray(img, dtype=np.float32) * spec.scale
-    arr = (arr - spec.mean) / spec.std
-    return arr.reshape(height, width, channels).transpose(2, 0, 1).copy()
+    return np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
+
+
+def normalise(pixels: PixelArray, spec: InputSpec) -> FloatArray:
+    """(..., height, width, channels) pixels → (..., channels, height, width) float32: scaled, minus
+    each channel's mean, over its std. Elementwise, so a stack of images gets the same bits as each
+    image alone."""
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    arr = (pixels.astype(np.float32) * np.float32(spec.scale) - mean) / std
+    return np.ascontiguousarray(np.moveaxis(arr, -1, -3))
+
+
+def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
+    """What a model takes for one image: `normalise(image_to_pixels(...))`, (C, H, W) float32."""
+    return normalise(image_to_pixels(img, spec), spec)

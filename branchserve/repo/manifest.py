@@ -8,13 +8,16 @@ never starts on a half-copied or hand-edited repository.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+"""2: per-channel mean and std, and a resize policy (version 1 had one mean and std and only stretched)."""
 MANIFEST_FILE = "manifest.json"
+CHANNELS = {"L": 1, "RGB": 3}
 
 ConfidenceKind = Literal["max_softmax", "entropy", "margin"]
 
@@ -27,17 +30,38 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ColorMode = Literal["L", "RGB"]
+ResizePolicy = Literal["stretch", "center-crop"]
+
+
 class InputSpec(Schema):
-    """What one input is and how a client's image becomes one."""
+    """What one input is and how a client's image becomes one (`imaging.image_to_input`, which
+    training's datasets call too)."""
 
     name: str = "input"
     shape: tuple[int, int, int] = Field(description="(channels, height, width) of one input, no batch axis")
     dtype: Literal["float32"] = "float32"
-    color_mode: Literal["L", "RGB"] = Field(description="PIL mode an image is converted to before resizing")
-    resize: Literal["bilinear"] = "bilinear"
+    color_mode: ColorMode = Field(description="PIL mode an image is converted to before resizing")
+    resize: ResizePolicy = Field(
+        "stretch",
+        description="stretch: resize to (height, width), whatever the aspect ratio; center-crop: resize so the "
+        "image covers (height, width), keeping its aspect ratio, and cut out the centre",
+    )
+    interpolation: Literal["bilinear"] = "bilinear"
     scale: float = Field(1 / 255, description="pixel value multiplier applied before normalisation")
-    mean: float
-    std: float
+    mean: tuple[float, ...] = Field(description="per channel, subtracted after scaling")
+    std: tuple[float, ...] = Field(description="per channel, divides after the mean is subtracted")
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        channels = self.shape[0]
+        if CHANNELS[self.color_mode] != channels:
+            raise ValueError(f"color mode {self.color_mode} has {CHANNELS[self.color_mode]} channels, shape {channels}")
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"need one mean and one std per channel ({channels}), got {self.mean} and {self.std}")
+        if min(self.std) <= 0 or min(self.shape) < 1:
+            raise ValueError(f"std must be positive and the shape at least 1×1, got {self.std} and {self.shape}")
+        return self
 
 
 class StageSpec(Schema):
@@ -62,7 +86,8 @@ class CalibrationBin(Schema):
 
 class ExitSpec(Schema):
     index: int
-    after_block: int
+    after_block: int = Field(description="the backbone stage (block, for the built-in ResNet) the exit follows")
+    after_module: str | None = Field(None, description="the named module the exit follows, for a cut backbone")
     val_accuracy: float
     test_accuracy: float
     mean_confidence: float
@@ -127,7 +152,7 @@ class FullGraphSpec(Schema):
 
 
 class Manifest(Schema):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str
     version: int
     created_at: str
@@ -157,13 +182,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_from_v1(spec: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 input spec (one scalar mean and std, `resize: bilinear`) in version 2's form; the
+    conversion it describes is unchanged. Old checkpoints hold the same form."""
+    if isinstance(spec.get("mean"), int | float) and isinstance(spec.get("std"), int | float):
+        spec = {**spec, "mean": [spec["mean"]], "std": [spec["std"]]}
+    if spec.get("resize") == "bilinear":
+        spec = {**spec, "resize": "stretch", "interpolation": "bilinear"}
+    return spec
+
+
+def migrated(doc: Any) -> Any:
+    """A manifest document in the current schema: version 1 differs only in its input spec."""
+    if isinstance(doc, dict) and doc.get("schema_version") == 1 and isinstance(doc.get("input"), dict):
+        return {**doc, "schema_version": SCHEMA_VERSION, "input": input_from_v1(doc["input"])}
+    return doc
+
+
 def load_manifest(version_dir: Path) -> Manifest:
-    """Parse and check a version folder: schema, file presence and hashes, internal consistency."""
+    """Parse and check a version folder: schema (version 1 is migrated), file presence and hashes,
+    internal consistency."""
     path = version_dir / MANIFEST_FILE
     if not path.is_file():
         raise RepositoryError(f"{version_dir}: no {MANIFEST_FILE}")
     try:
-        manifest = Manifest.model_validate_json(path.read_bytes())
+        manifest = Manifest.model_validate(migrated(json.loads(path.read_bytes())))
+    except json.JSONDecodeError as e:
+        raise RepositoryError(f"{path}: invalid manifest: not JSON ({e})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

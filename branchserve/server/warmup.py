@@ -64,7 +64,7 @@ async def _call(app: ASGIApp, method: str, path: str) -> int:
 async def warm_up(app: ASGIApp) -> list[int]:
     """Run the warm-up requests (their statuses are returned for the tests) and decode one image of each format."""
     statuses = [await _call(app, method, path) for method, path in REQUESTS]
-    spec = InputSpec(shape=(1, 8, 8), color_mode="L", mean=0.0, std=1.0)
+    spec = InputSpec(shape=(1, 8, 8), color_mode="L", mean=(0.0,), std=(1.0,))
     for kind in ("PNG", "JPEG"):
         data = io.BytesIO()
         Image.new("L", (8, 8)).save(data, kind)

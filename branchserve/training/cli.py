@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from pydantic import BaseModel, ValidationError
 
 from branchserve.fmnist import ENV_VAR, SYSTEM_DIR, DataError, fmnist_dir
-from branchserve.repo.manifest import ConfidenceKind
+from branchserve.repo.manifest import ConfidenceKind, InputSpec, ResizePolicy
+from branchserve.training.backbones.spec import BUILT_IN, NAMED, BackboneSpec
 from branchserve.training.config import (
     DEFAULT_PRESET,
     PRESETS,
     AnalysisSettings,
     ArchConfig,
+    BadImages,
+    Color,
     DataSource,
     FinetuneScope,
     Objective,
@@ -39,6 +44,7 @@ QUICK_REGIME = {"epochs": 3, "finetune_epochs": 1, "refit_epochs": 1, "backbone_
 QUICK_TRAIN_LIMIT, QUICK_EVAL_LIMIT = 5000, 1000
 """`train --quick`: a trial of about a minute on 2 cores that still runs every phase of the preset."""
 DEFAULT_REPO = Path("models")  # where `branchserve serve` looks by default
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 
 
 def fail(command: str, message: object) -> NoReturn:
@@ -60,10 +66,18 @@ def given(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
 
 
-def data_source(args: argparse.Namespace, split_seed: int) -> DataSource:
+def data_source(args: argparse.Namespace, split_seed: int, **reading: Any) -> DataSource:
+    """Fashion-MNIST or the folder the flags name; `reading`: the image settings of DataSource."""
     if args.data_dir:
-        return DataSource(kind="image-folder", path=args.data_dir, split_seed=split_seed)
-    return DataSource(kind="fashion-mnist", path=args.fmnist_dir or fmnist_dir(), split_seed=split_seed)
+        return DataSource(kind="image-folder", path=args.data_dir, split_seed=split_seed, **reading)
+    return DataSource(kind="fashion-mnist", path=args.fmnist_dir or fmnist_dir(), split_seed=split_seed, **reading)
+
+
+def recorded_input(run: Path) -> InputSpec | None:
+    """The input spec a run was trained with, as its summary records it (None before it did)."""
+    summary = run / "summary.json"
+    spec = json.loads(summary.read_text()).get("input") if summary.is_file() else None
+    return InputSpec.model_validate(spec) if spec else None
 
 
 # train
@@ -72,10 +86,28 @@ def data_source(args: argparse.Namespace, split_seed: int) -> DataSource:
 def regime(args: argparse.Namespace) -> tuple[RegimeConfig, list[int] | None]:
     """The run's regime and block widths from the flags, checked as the model will be built."""
     quick = QUICK_REGIME if args.quick else {}
+    flags = given(args, RegimeConfig)
+    if args.freeze_backbone:
+        if not args.init:
+            fail("train", "--freeze-backbone keeps a trained backbone as it is: name it with --init")
+        if flags.get("schedule", "exits-only") != "exits-only":
+            fail("train", "--freeze-backbone trains the exits only (schedule exits-only): drop --schedule")
+        flags["schedule"] = "exits-only"
+    if args.branch_after:
+        named = len(args.branch_after.split(",")) + 1  # the named cuts, then the final exit
+        if flags.setdefault("branches", named) != named:
+            fail("train", f"--branch-after names {named - 1} exits before the final one: drop --branches")
     try:
-        cfg = RegimeConfig(**{**PRESETS[args.preset], **quick, **given(args, RegimeConfig)})
+        cfg = RegimeConfig(**{**PRESETS[args.preset], **quick, **flags})
     except ValidationError as e:
         fail("train", validation_message(e))
+    if args.backbone != BUILT_IN:
+        if args.widths or isinstance(cfg.positions, list):
+            fail(
+                "train",
+                f"--widths and --positions shape the built-in backbone; --backbone {args.backbone} takes --branch-after",
+            )
+        return cfg, None
     try:
         widths = comma_list(args.widths, int, "block widths such as 32,32,48,48,96,96,96,96") if args.widths else None
         base = ArchConfig().with_widths(widths) if widths else ArchConfig()
@@ -88,16 +120,38 @@ def regime(args: argparse.Namespace) -> tuple[RegimeConfig, list[int] | None]:
     return cfg, widths
 
 
+def backbone_choice(args: argparse.Namespace) -> BackboneSpec:
+    try:
+        spec = BackboneSpec(name=args.backbone, branch_after=args.branch_after)
+    except ValidationError as e:
+        fail("train", validation_message(e))
+    if args.init and not (args.init.is_file() or (args.init / "checkpoint.pt").is_file()):
+        fail("train", f"--init {args.init}: not found; give a state-dict file or a run folder holding checkpoint.pt")
+    return spec
+
+
+def train_source(args: argparse.Namespace) -> DataSource:
+    reading = {"image_size": args.image_size, "color": args.color, "resize": args.resize, "bad_images": args.bad_images}
+    try:
+        return data_source(args, args.split_seed, **{k: v for k, v in reading.items() if v is not None})
+    except ValidationError as e:
+        fail("train", validation_message(e))
+
+
 def _train(args: argparse.Namespace) -> None:
+    spec = backbone_choice(args)
     cfg, widths = regime(args)
+    source = train_source(args)
     train_limit = args.train_limit or (QUICK_TRAIN_LIMIT if args.quick else None)
     eval_limit = args.eval_limit or (QUICK_EVAL_LIMIT if args.quick else None)
 
+    from branchserve.training.backbones.imported import BackboneError
     from branchserve.training.data import load_data
     from branchserve.training.train import ResumeError, train
 
     try:
-        data = load_data(data_source(args, args.split_seed))
+        data = load_data(source, workers=args.workers)
+        print(f"input: {describe_input(data.input)}", file=sys.stderr)
         summary = train(
             cfg,
             data,
@@ -107,13 +161,22 @@ def _train(args: argparse.Namespace) -> None:
             threads=args.threads,
             train_limit=train_limit,
             eval_limit=eval_limit,
+            backbone=spec,
+            init=args.init,
         )
-    except (DataError, ResumeError) as e:
+    except (DataError, ResumeError, BackboneError) as e:
         fail("train", e)
     scores = {k: summary[k] for k in ("val_accuracy", "test_accuracy", "wall_time_s")}
     limits = {k: v for k, v in (("train_limit", train_limit), ("eval_limit", eval_limit)) if v}
-    print(json.dumps({**scores, **limits}))
+    moved = {"final_exit_moved": summary["init"]["final_exit_val"]} if "init" in summary else {}
+    print(json.dumps({**scores, **limits, **moved}))
     print(f"next: branchserve export {args.out} --name <model name>")
+
+
+def describe_input(spec: InputSpec) -> str:
+    _, height, width = spec.shape
+    numbers = ", ".join(f"{m:.3f}/{s:.3f}" for m, s in zip(spec.mean, spec.std, strict=True))
+    return f"{width}×{height} {spec.color_mode} ({spec.resize}), per-channel mean/std {numbers}"
 
 
 def _count(text: str) -> int:
@@ -145,6 +208,54 @@ def _data_flags(p: argparse.ArgumentParser, folder_default: str, fmnist_default:
     p.add_argument("--fmnist-dir", type=Path, help=f"Fashion-MNIST's IDX files (default: {fmnist_default})")
 
 
+def _reading_flags(p: argparse.ArgumentParser) -> None:
+    """How images become inputs: DataSource's fields, described there."""
+    fields = DataSource.model_fields
+    p.add_argument("--image-size", type=int, help=fields["image_size"].description)
+    p.add_argument("--color", choices=get_args(Color), help=f"colour of the input {fields['color'].description}")
+    p.add_argument("--resize", choices=get_args(ResizePolicy), help=fields["resize"].description)
+    p.add_argument("--bad-images", choices=get_args(BadImages), help=fields["bad_images"].description)
+    _workers_flag(p)
+
+
+def _workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"processes that decode a folder's images while the model trains; 0 decodes in the main process "
+        f"(default {DEFAULT_WORKERS})",
+    )
+
+
+def _backbone_flags(p: argparse.ArgumentParser) -> None:
+    fields = BackboneSpec.model_fields
+    named = "; ".join(f"{name}: {what}" for name, what in NAMED.items())
+    p.add_argument(
+        "--backbone",
+        default=BUILT_IN,
+        help=f"{fields['name'].description} ({named}; a factory is called with whichever of num_classes, "
+        f"in_channels, image_size it takes) (default {BUILT_IN})",
+    )
+    p.add_argument(
+        "--branch-after",
+        help="modules after which exits sit, comma-separated in the order they run, e.g. layer1,layer2,layer3; "
+        "sets --branches to their number + 1 (default: --branches exits spread evenly over the backbone's MACs)",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from these backbone weights: a state-dict file (torchvision's keys for resnet18) or a run "
+        "folder, e.g. an unbranched run (default: random weights)",
+    )
+    p.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="train the early exits only, the --init backbone and its final exit unchanged (schedule exits-only) "
+        "(default off)",
+    )
+
+
 def _register_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t = sub.add_parser("train", help="train a branched (or unbranched) classifier")
     t.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, log.jsonl, summary.json")
@@ -161,6 +272,7 @@ def _register_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         f"{QUICK_REGIME['epochs']} epochs (1 of finetune); flags given still win (default off)",
     )
     _data_flags(t, "Fashion-MNIST")
+    _reading_flags(t)
     t.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation(/test) split (default 0)")
     t.add_argument("--train-limit", type=_count, help="train on the first N training images only (default all)")
     t.add_argument(
@@ -174,6 +286,7 @@ def _register_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"channels of each backbone block (default {default_widths}); multiples of 16 fill onnxruntime's "
         "blocked layout on AVX-512 CPUs, which computes 24 channels as 32",
     )
+    _backbone_flags(t)
     _regime_flag(t, "branches", type=int)
     _regime_flag(
         t, "positions", what="'equidistant', or the block after each exit such as 2,5,7, which also sets --branches"
@@ -205,7 +318,8 @@ def export_source(args: argparse.Namespace) -> DataSource:
     recorded = recorded_source(args.run)
     split_seed = args.split_seed if args.split_seed is not None else recorded.split_seed if recorded else 0
     if args.data_dir or args.fmnist_dir:
-        return data_source(args, split_seed)
+        reading = recorded.model_dump(include={"image_size", "color", "resize", "bad_images"}) if recorded else {}
+        return data_source(args, split_seed, **reading)
     if recorded is None:
         raise ExportError(f"{args.run} records no data to load again: pass --data-dir or --fmnist-dir")
     return recorded.model_copy(update={"split_seed": split_seed})
@@ -227,6 +341,7 @@ def _export(args: argparse.Namespace) -> None:
     from branchserve.repo.loading import load_version
     from branchserve.repo.manifest import RepositoryError
     from branchserve.repo.report import print_summary
+    from branchserve.training.backbones.imported import BackboneError
     from branchserve.training.data import load_data
     from branchserve.training.export import ExportError
     from branchserve.training.export.calibration import ExportSettings
@@ -240,9 +355,9 @@ def _export(args: argparse.Namespace) -> None:
         latency_runs=args.runs,
     )
     try:
-        data = load_data(export_source(args))
+        data = load_data(export_source(args), recorded_input(args.run), workers=args.workers)
         version_dir = export_run(args.run, args.repo, args.name, data, args.version, settings)
-    except (DataError, ExportError, RepositoryError, FileNotFoundError) as e:
+    except (DataError, ExportError, RepositoryError, FileNotFoundError, BackboneError) as e:
         fail("export", e)
     print(f"exported {version_dir}")
     print_summary(load_version(version_dir))
@@ -265,6 +380,7 @@ def _register_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     recorded = "the data the run recorded in its summary.json"
     _data_flags(e, recorded, recorded)
     e.add_argument("--split-seed", type=int, help="the train/validation split seed (default: the run's)")
+    _workers_flag(e)
     e.add_argument(
         "--confidence",
         choices=get_args(ConfidenceKind),
@@ -308,8 +424,9 @@ def _analyze(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        data = load_data(data_source(args, split_seed=0))
-        analysis = compare_runs(args.run, data.val, settings, args.against)
+        data = load_data(data_source(args, split_seed=0), recorded_input(args.run), workers=args.workers)
+        probes = data.val.head(settings.probe_train + settings.probe_test).loaded()
+        analysis = compare_runs(args.run, probes, settings, args.against)
     except (DataError, FileNotFoundError, ValueError) as e:
         fail("analyze", e)
     print(write_analysis(analysis, args.out))
@@ -332,7 +449,8 @@ def _study(args: argparse.Namespace) -> None:
     from branchserve.training.study import run_study
 
     try:
-        data = load_data(data_source(args, split_seed=0))
+        data = load_data(data_source(args, split_seed=0), workers=args.workers)
+        data = replace(data, val=data.val.loaded(), test=data.test.loaded())  # scored whole, and often
         results = run_study(
             spec, data, args.out, threads=args.threads, after_cell=lambda done: write_study(done, spec, args.out)
         )
@@ -349,6 +467,7 @@ def _field_flag(p: argparse.ArgumentParser, model: type[BaseModel], name: str, d
 def _analysis_flags(p: argparse.ArgumentParser, defaults: AnalysisSettings) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the report, its JSON and PNG plots")
     _data_flags(p, "Fashion-MNIST")
+    _workers_flag(p)
     p.add_argument("--threads", type=_count, help="torch threads (default: torch's choice, one per core)")
     for name in ("probe_train", "probe_test", "pool"):
         _field_flag(p, AnalysisSettings, name, getattr(defaults, name), type=int)

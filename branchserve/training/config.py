@@ -15,9 +15,11 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from branchserve.repo.manifest import ResizePolicy
+
 Preset = Literal["progressive", "seed-weights", "joint", "unbranched"]
 Weighting = Literal["equal", "seed", "increasing", "decreasing"]
-Schedule = Literal["joint", "backbone-first", "joint+finetune"]
+Schedule = Literal["joint", "backbone-first", "joint+finetune", "exits-only"]
 Objective = Literal["ce", "ce+distill"]
 FinetuneScope = Literal["after-last-branch", "all"]
 Optimizer = Literal["sgd", "adamw"]
@@ -101,6 +103,13 @@ class RegimeConfig(BaseModel):
             raise ValueError(f"weighting: {e}") from None
         if self.schedule == "joint+finetune" and self.branches > 1:
             self._check_finetune()
+        if self.schedule == "exits-only" and (
+            self.branches < 2 or not sum(loss_weights(self.weighting, self.branches)[:-1])
+        ):
+            raise ValueError(
+                "exits-only trains the early exits of a trained backbone: it needs 2 or more exits "
+                "and a positive weight on one before the last"
+            )
         if self.schedule == "backbone-first" and not 0 < self.backbone_epochs < self.epochs:
             raise ValueError(
                 f"backbone-first needs 0 < backbone_epochs ({self.backbone_epochs}) < epochs ({self.epochs}): "
@@ -164,6 +173,8 @@ class ArchConfig:
     exits: tuple[int, ...] = (1, 3, 5, 7)
     head_conv_width: int = 48
     head_pool: int = 4
+    stem_stride: int = 1
+    """1, or 2 (a strided stem convolution), or 4 (then a 3×3 max-pool of stride 2 as well)."""
 
     def checked(self) -> ArchConfig:
         """Itself, if a model can be built from it: exits at increasing blocks, the last after the last block.
@@ -172,7 +183,14 @@ class ArchConfig:
             raise ValueError(f"the last exit must sit after the last block, {len(self.blocks) - 1}, got {self.exits}")
         if list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 0:
             raise ValueError(f"exit positions must be increasing block indices, got {self.exits}")
+        if self.stem_stride not in (1, 2, 4):
+            raise ValueError(f"the stem's stride must be 1, 2 or 4, got {self.stem_stride}")
         return self
+
+    def scaled(self) -> ArchConfig:
+        """For inputs above 32 pixels a strided stem, so the blocks start at 32 pixels or less
+        (64 → 32, 128 → 32, 224 → 56); up to 32 pixels, the stem keeps the resolution."""
+        return replace(self, stem_stride=next((s for s in (1, 2) if self.image_size <= 32 * s), 4))
 
     def with_widths(self, widths: Sequence[int]) -> ArchConfig:
         """The same backbone with other block widths (strides unchanged)."""
@@ -195,13 +213,36 @@ def arch_for(cfg: RegimeConfig, base: ArchConfig) -> ArchConfig:
     return replace(base, exits=equidistant_positions(len(base.blocks), cfg.branches)).checked()
 
 
+Color = Literal["grey", "rgb"]
+BadImages = Literal["skip", "fail"]
+MAX_AUTO_SIZE = 224
+
+
 class DataSource(BaseModel):
-    """Where a dataset's images come from and the seed that splits them: a run records it, so export
-    loads the very same splits again."""
+    """Where a dataset's images come from, how they become inputs and the seed that splits them: a
+    run records it, so export loads the very same splits again."""
 
     kind: Literal["fashion-mnist", "image-folder"]
     path: Path
     split_seed: int = 0
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="input height and width (default: 28 for Fashion-MNIST; for a folder, its images' median "
+        f"shorter side, at most {MAX_AUTO_SIZE})",
+    )
+    color: Color | None = Field(
+        None, description="(default: grey for Fashion-MNIST; for a folder, rgb if any image is stored in colour)"
+    )
+    resize: ResizePolicy = Field(
+        "stretch",
+        description="stretch to the input size, or resize the shorter side to fit and cut out the centre "
+        "(default stretch)",
+    )
+    bad_images: BadImages = Field(
+        "skip", description="an image that cannot be read: leave it out and count it, or stop (default skip)"
+    )
 
 
 class AnalysisSettings(BaseModel):

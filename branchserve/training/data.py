@@ -1,27 +1,44 @@
-"""Datasets held in memory as tensors: Fashion-MNIST from its IDX files, or a folder per class.
+"""Datasets: Fashion-MNIST held in memory, or a folder of images streamed from disk (`folders.py`).
 
 Every split is fixed by a seed, so validation (which calibrates exits later) and test (which is
 never used for a choice) stay the same across runs, presets and machines. A loaded dataset keeps
-its `DataSource`, which a run records so that export loads the very same splits again.
+its `DataSource`, which a run records so that export loads the very same splits again. Images
+become inputs through `repo/imaging.py`, the server's own conversion, at whatever size and colour
+the input spec says.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from branchserve.fmnist import LABELS as FMNIST_LABELS
 from branchserve.fmnist import DataError, fmnist_dir, read_split
-from branchserve.repo.imaging import ImageError, image_to_input, open_image
+from branchserve.repo.imaging import image_to_pixels, normalise
 from branchserve.repo.manifest import InputSpec
 from branchserve.training.config import DataSource
 
-FMNIST_INPUT = InputSpec(shape=(1, 28, 28), color_mode="L", mean=0.2860, std=0.3530)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+FMNIST_INPUT = InputSpec(shape=(1, 28, 28), color_mode="L", mean=(0.2860,), std=(0.3530,))
+"""Fashion-MNIST at its own size, with its published mean and std (the shipped model's input)."""
+COLOR_MODES = {"grey": "L", "rgb": "RGB"}
+
+
+class Samples(Protocol):
+    """A split of labelled images, in memory (`Split`) or on disk (`folders.FolderSplit`)."""
+
+    y: Tensor
+
+    def __len__(self) -> int: ...
+    def head(self, n: int | None) -> Samples: ...
+    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]: ...
+    def loaded(self) -> Split: ...
 
 
 @dataclass
@@ -35,31 +52,43 @@ class Split:
     def head(self, n: int | None) -> Split:
         return self if n is None else Split(self.x[:n], self.y[:n])
 
+    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, y) of `batch_size` samples at a time, in `order` (default: as stored)."""
+        for i in range(0, len(self), batch_size):
+            if order is None:
+                yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+            else:
+                idx = order[i : i + batch_size]
+                yield self.x[idx], self.y[idx]
+
+    def loaded(self) -> Split:
+        return self
+
 
 @dataclass
 class Dataset:
     name: str
     labels: list[str]
     input: InputSpec
-    train: Split
-    val: Split
-    test: Split
+    train: Samples
+    val: Samples
+    test: Samples
     source: DataSource | None = None
     """None for a dataset made in memory, which no source reproduces."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What loading found out (a folder's layout, files left out, what the statistics were computed on)."""
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def load_data(source: DataSource) -> Dataset:
+def load_data(source: DataSource, spec: InputSpec | None = None, workers: int = 0, progress: bool = True) -> Dataset:
+    """The dataset `source` names; `spec` (a trained run's) skips working the input spec out again."""
     if source.kind == "image-folder":
-        return load_image_folder(source.path, split_seed=source.split_seed)
-    return load_fashion_mnist(source.path, split_seed=source.split_seed)
+        from branchserve.training.folders import load_image_folder
 
-
-def _normalise(pixels: np.ndarray, spec: InputSpec) -> Tensor:
-    x = torch.from_numpy(pixels.astype(np.float32) * spec.scale)
-    return ((x - spec.mean) / spec.std).unsqueeze(1)
+        return load_image_folder(source, spec, workers, progress)
+    return load_fashion_mnist(source.path, split_seed=source.split_seed, source=source, spec=spec)
 
 
 def split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,55 +99,77 @@ def split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def load_fashion_mnist(root: Path | None = None, n_val: int = 10_000, split_seed: int = 0) -> Dataset:
-    """Fashion-MNIST from `root` (default: `fmnist_dir()`), its training set cut into train and validation."""
+def provisional_spec(size: int, color: str, resize: str = "stretch") -> InputSpec:
+    """An input spec whose statistics are still to be measured (mean 0, std 1: inputs are scaled pixels)."""
+    channels = 3 if color == "rgb" else 1
+    return InputSpec.model_validate(
+        {
+            "shape": (channels, size, size),
+            "color_mode": COLOR_MODES[color],
+            "resize": resize,
+            "mean": (0.0,) * channels,
+            "std": (1.0,) * channels,
+        }
+    )
+
+
+def pixel_sums(pixels: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel sums of (..., C) uint8 pixels and of their squares, exact in int64 (a chunk at a
+    time, so memory stays small), and the number of pixels."""
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    total, squares = np.zeros(flat.shape[1], np.int64), np.zeros(flat.shape[1], np.int64)
+    for i in range(0, len(flat), chunk):
+        part = flat[i : i + chunk].astype(np.int64)
+        total += part.sum(0)
+        squares += (part * part).sum(0)
+    return total, squares, len(flat)
+
+
+def with_statistics(spec: InputSpec, total: np.ndarray, squares: np.ndarray, count: int) -> InputSpec:
+    """`spec` with each channel's mean and std of scaled pixels, from `pixel_sums` over the training images."""
+    mean = total * spec.scale / count
+    std = np.sqrt(np.maximum(squares * spec.scale**2 / count - mean**2, 0.0))
+    return spec.model_copy(
+        update={"mean": tuple(round(float(m), 6) for m in mean), "std": tuple(round(float(s), 6) or 1.0 for s in std)}
+    )
+
+
+def load_fashion_mnist(
+    root: Path | None = None,
+    n_val: int = 10_000,
+    split_seed: int = 0,
+    source: DataSource | None = None,
+    spec: InputSpec | None = None,
+) -> Dataset:
+    """Fashion-MNIST from `root` (default: `fmnist_dir()`), its training set cut into train and
+    validation. At 28×28 grey it keeps its published statistics; at another size or colour each
+    image is converted as the server converts an upload, and the statistics are measured on train."""
     root = root or fmnist_dir()
+    source = source or DataSource(kind="fashion-mnist", path=root.resolve(), split_seed=split_seed)
+    source = source.model_copy(update={"path": root.resolve()})
     (x, y), (xt, yt) = read_split("train", root), read_split("test", root)
     tr, va = split_indices(len(y), n_val, split_seed)
-    spec = FMNIST_INPUT
+    size, color = source.image_size or 28, source.color or "grey"
+    if spec is None and (size, color) == (28, "grey"):
+        spec = FMNIST_INPUT
+    convert = spec or provisional_spec(size, color, source.resize)
+    x, xt = _pixels(x, convert), _pixels(xt, convert)
+    if spec is None:
+        spec = with_statistics(convert, *pixel_sums(x[tr]))
 
     def split(xs: np.ndarray, ys: np.ndarray) -> Split:
-        return Split(_normalise(xs, spec), torch.from_numpy(ys))
+        return Split(torch.from_numpy(normalise(xs, spec)), torch.from_numpy(ys))
 
-    source = DataSource(kind="fashion-mnist", path=root.resolve(), split_seed=split_seed)
     return Dataset(
         "fashion-mnist", FMNIST_LABELS, spec, split(x[tr], y[tr]), split(x[va], y[va]), split(xt, yt), source
     )
 
 
-def load_image_folder(
-    root: Path,
-    spec: InputSpec = FMNIST_INPUT,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    split_seed: int = 0,
-) -> Dataset:
-    """One sub-folder per class of PNG/JPEG files of any size and colour, converted like served images."""
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder; pass a folder with one sub-folder of images per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{root} has {len(classes)} class folders; need at least 2 (one sub-folder per class)")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"{root / name} holds no .png/.jpg/.jpeg images")
-        for f in files:
-            try:
-                xs.append(image_to_input(open_image(f.read_bytes()), spec))
-            except ImageError as e:
-                raise DataError(f"{f}: {e}") from None
-            ys.append(label)
-    x, y = torch.from_numpy(np.stack(xs)), torch.tensor(ys)
-    n = len(y)
-    n_test, n_val = max(1, round(n * test_fraction)), max(1, round(n * val_fraction))
-    if n - n_test - n_val < 1:
-        raise DataError(f"{root}: {n} images are too few to split into train/validation/test")
-    perm = torch.from_numpy(np.random.default_rng(split_seed).permutation(n))
-    te, va, tr = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
-    source = DataSource(kind="image-folder", path=root.resolve(), split_seed=split_seed)
-    return Dataset(root.name, classes, spec, Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), source)
+def _pixels(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, 28, 28) uint8 → (N, H, W, C) uint8 at the spec's size and colour, image by image as an upload."""
+    if spec.shape == (1, *images.shape[1:]) and spec.color_mode == "L":
+        return images[..., None]
+    return np.stack([image_to_pixels(Image.fromarray(image), spec) for image in images])
 
 
 def augment(x: Tensor, generator: torch.Generator, pad: int = 1) -> Tensor:

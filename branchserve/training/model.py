@@ -53,9 +53,10 @@ class BranchedNet(nn.Module):
         super().__init__()
         self.arch = arch.checked()
         self.stem = nn.Sequential(
-            nn.Conv2d(arch.in_channels, arch.stem_width, 3, 1, 1, bias=False),
+            nn.Conv2d(arch.in_channels, arch.stem_width, 3, min(arch.stem_stride, 2), 1, bias=False),
             nn.BatchNorm2d(arch.stem_width),
             nn.ReLU(),
+            *([nn.MaxPool2d(3, 2, 1)] if arch.stem_stride == 4 else []),
         )
         blocks, cin = [], arch.stem_width
         for width, stride in arch.blocks:

@@ -31,6 +31,11 @@ def phases(cfg: RegimeConfig, model: BranchedNet) -> list[Phase]:
     everything = ("stem", "blocks", "heads")
     if n == 1 or cfg.schedule == "joint":
         return [Phase("joint", cfg.epochs, w, everything, (), cfg.lr)]
+    if cfg.schedule == "exits-only":
+        # A trained backbone stays as it is, BatchNorm statistics too: its final exit answers bit for bit as before.
+        early = tuple(f"heads.{k}" for k in range(n - 1))
+        weights = (*(x / sum(w[:-1]) for x in w[:-1]), 0.0)
+        return [Phase("exits", cfg.epochs, weights, early, ("stem", "blocks", f"heads.{n - 1}"), cfg.lr)]
     if cfg.schedule == "backbone-first":
         first = (*everything[:2], f"heads.{n - 1}")
         return [

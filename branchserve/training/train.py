@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from branchserve.training.config import ArchConfig, RegimeConfig, arch_for
-from branchserve.training.data import Dataset, Split, augment
+from branchserve.training.backbones.build import backbone_record, build_model, model_from_checkpoint
+from branchserve.training.backbones.init import final_exit_change, init_record
+from branchserve.training.backbones.spec import BackboneSpec
+from branchserve.training.config import ArchConfig, RegimeConfig
+from branchserve.training.data import Dataset, Samples, augment
 from branchserve.training.model import BranchedNet, stage_macs
 from branchserve.training.provenance import checkout
 from branchserve.training.regime import Phase, phases
@@ -67,47 +70,52 @@ def exit_losses(logits: list[Tensor], y: Tensor, cfg: RegimeConfig) -> list[Tens
 
 
 @torch.no_grad()
-def evaluate(model: BranchedNet, split: Split, batch_size: int = 1000) -> list[float]:
-    """Accuracy of every exit on a split."""
+def evaluate(model: BranchedNet, split: Samples, batch_size: int = 1000) -> list[float]:
+    """Accuracy of every exit on a split (on the images that could be read)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(len(model.heads))
-    for i in range(0, len(split), batch_size):
-        x, y = split.x[i : i + batch_size].contiguous(memory_format=torch.channels_last), split.y[i : i + batch_size]
-        for k, z in enumerate(model(x)):
+    correct, seen = torch.zeros(len(model.heads)), 0
+    for x, y in split.batches(batch_size):
+        for k, z in enumerate(model(x.contiguous(memory_format=torch.channels_last))):
             correct[k] += (z.argmax(1) == y).sum()
+        seen += len(y)
     model.train(was_training)
-    return (correct / max(len(split), 1)).tolist()
+    return (correct / max(seen, 1)).tolist()
 
 
 def train_epoch(
     model: BranchedNet,
     phase: Phase,
     opt: torch.optim.Optimizer,
-    split: Split,
+    split: Samples,
     cfg: RegimeConfig,
     epoch: int,
     first_step: int,
     phase_steps: int,
+    progress: bool = False,
 ) -> float:
-    """One pass over `split` in shuffled batches; returns the mean weighted loss."""
+    """One pass over `split` in shuffled batches (a bar over them with `progress`); returns the mean weighted loss."""
     set_modes(model, phase)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(len(split), generator=gen)
     steps = math.ceil(len(split) / cfg.batch_size)
-    running = 0.0
-    for s in range(steps):
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress)
+    running, done = 0.0, 0
+    for s, (images, labels) in enumerate(split.batches(cfg.batch_size, order)):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(phase.lr, first_step + s, phase_steps)
-        idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-        x = augment(split.x[idx], gen).contiguous(memory_format=torch.channels_last)
-        losses = exit_losses(model(x), split.y[idx], cfg)
+        x = augment(images, gen).contiguous(memory_format=torch.channels_last)
+        losses = exit_losses(model(x), labels, cfg)
         loss = sum(w * term for w, term in zip(phase.weights, losses, strict=True) if w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.item()
-    return running / steps
+        running, done = running + loss.item(), done + 1
+        bar.update(1)
+        if s % 20 == 0:
+            bar.set_postfix_str(f"loss {running / done:.3f}")
+    bar.close()
+    return running / max(done, 1)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: RegimeConfig, lr: float) -> torch.optim.Optimizer:
@@ -142,21 +150,29 @@ def train(
     train_limit: int | None = None,
     eval_limit: int | None = None,
     progress: bool = True,
+    backbone: BackboneSpec | None = None,
+    init: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run in `out`; returns the summary also written to `out/summary.json`.
 
     `train_limit` trains on the first N training images and `eval_limit` scores validation and
-    test on their first N only: quick trials, recorded as such in the summary.
+    test on their first N only: quick trials, recorded as such in the summary. `backbone` picks
+    another backbone than the built-in one; `init` starts from a trained backbone's weights.
     """
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    base = base_arch or ArchConfig(
-        in_channels=data.input.shape[0], image_size=data.input.shape[1], num_classes=len(data.labels)
-    )
-    torch.manual_seed(cfg.seed)
-    model = BranchedNet(arch_for(cfg, base.with_widths(widths) if widths else base))
-    model = model.to(memory_format=torch.channels_last)
+    backbone = backbone or BackboneSpec()
+    if widths:
+        channels, size, _ = data.input.shape
+        base = base_arch or ArchConfig(in_channels=channels, image_size=size, num_classes=len(data.labels)).scaled()
+        base_arch = base.with_widths(widths)
+
+    def build() -> BranchedNet:
+        model = build_model(cfg, backbone, data.input, len(data.labels), base_arch, init)
+        return model.to(memory_format=torch.channels_last)
+
+    model = build()
     plan = phases(cfg, model)
     state = restore(model, cfg, out) if resume else RunState()
     (out / LOG).write_text("".join(json.dumps(row) + "\n" for row in state.history))  # what the checkpoint holds
@@ -167,7 +183,7 @@ def train(
     )
     first_epoch = 0
     for phase in plan:
-        for val_accuracy in run_phase(model, phase, first_epoch, cfg, train_split, val, state):
+        for val_accuracy in run_phase(model, phase, first_epoch, cfg, train_split, val, state, progress):
             save_checkpoint(out, model, cfg, data, state)
             bar.set_postfix_str(phase.name + " val " + " ".join(f"{a:.3f}" for a in val_accuracy))
             bar.update(1)
@@ -175,6 +191,8 @@ def train(
     bar.close()
 
     summary = summarize(cfg, model, plan, data, state, train_limit, eval_limit)
+    if init:
+        summary["init"] = {**init_record(init), "final_exit_val": final_exit_change(build(), model, val)}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -184,9 +202,10 @@ def run_phase(
     phase: Phase,
     first_epoch: int,
     cfg: RegimeConfig,
-    train_split: Split,
-    val: Split,
+    train_split: Samples,
+    val: Samples,
     state: RunState,
+    progress: bool = False,
 ) -> Iterator[list[float]]:
     """Train the epochs of `phase` that `state` has not done yet, updating `state` after each; yields
     each epoch's validation accuracy per exit, so the caller can checkpoint and report."""
@@ -200,7 +219,15 @@ def run_phase(
     for e in range(done, phase.epochs):
         t0 = time.perf_counter()
         loss = train_epoch(
-            model, phase, opt, train_split, cfg, first_epoch + e, e * steps_per_epoch, phase.epochs * steps_per_epoch
+            model,
+            phase,
+            opt,
+            train_split,
+            cfg,
+            first_epoch + e,
+            e * steps_per_epoch,
+            phase.epochs * steps_per_epoch,
+            progress,
         )
         val_accuracy = evaluate(model, val)
         state.elapsed_s += time.perf_counter() - t0
@@ -224,6 +251,7 @@ def save_checkpoint(out: Path, model: BranchedNet, cfg: RegimeConfig, data: Data
         "config": cfg.model_dump(),
         "arch": asdict(model.arch),
         "model": model.state_dict(),
+        "backbone": backbone_record(model),
         **vars(state),
         "labels": data.labels,
         "input": data.input.model_dump(),
@@ -240,7 +268,7 @@ def restore(model: BranchedNet, cfg: RegimeConfig, out: Path) -> RunState:
     if not path.is_file():
         return RunState()
     ckpt = torch.load(path, weights_only=False)
-    if ckpt["config"] != cfg.model_dump():
+    if ckpt["config"] != cfg.model_dump() or ckpt.get("backbone") != backbone_record(model):
         raise ResumeError(f"{path} was trained with another configuration; drop --resume or use a new --out")
     model.load_state_dict(ckpt["model"])
     return RunState(ckpt["epoch"], ckpt["elapsed_s"], ckpt["history"], ckpt["phase"], ckpt.get("optimizer"))
@@ -259,13 +287,16 @@ def summarize(
     return {
         "config": cfg.model_dump(),
         "arch": asdict(model.arch),
+        "backbone": backbone_record(model),
         "phases": [asdict(p) for p in plan],
         "data": {
             **data.describe(),
             "source": data.source.model_dump(mode="json") if data.source else None,
             "train_limit": train_limit,
             "eval_limit": eval_limit,
+            **data.notes,
         },
+        "input": data.input.model_dump(),
         "val_accuracy": evaluate(model, data.val.head(eval_limit)),
         "test_accuracy": evaluate(model, data.test.head(eval_limit)),
         "stage_macs": stage_macs(model),
@@ -283,9 +314,4 @@ def load_model(run_dir: Path) -> tuple[BranchedNet, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train a model into {run_dir} first")
     ckpt = torch.load(path, weights_only=False)
-    arch = ckpt["arch"]
-    model = BranchedNet(
-        ArchConfig(**{**arch, "blocks": tuple(map(tuple, arch["blocks"])), "exits": tuple(arch["exits"])})
-    )
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return model_from_checkpoint(ckpt), ckpt

@@ -12,9 +12,10 @@ import onnx
 import torch
 
 from branchserve.repo.frontier import ExitScores
-from branchserve.repo.manifest import ExitSpec, FullGraphSpec, InputSpec, Manifest, StageSpec, sha256_of
+from branchserve.repo.manifest import ExitSpec, FullGraphSpec, InputSpec, Manifest, StageSpec, input_from_v1, sha256_of
 from branchserve.repo.profiling import cost_profile
 from branchserve.repo.sessions import load_session
+from branchserve.training.backbones.staged import StagedNet
 from branchserve.training.data import Dataset
 from branchserve.training.export import ExportError
 from branchserve.training.export.calibration import (
@@ -53,7 +54,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 def load_run(run_dir: Path) -> TrainedRun:
     summary = read_summary(run_dir)
     model, ckpt = load_model(run_dir)
-    spec = InputSpec.model_validate(ckpt["input"])
+    spec = InputSpec.model_validate(input_from_v1(ckpt["input"]))
     # hashed now: a retraining run may replace the checkpoint later
     return TrainedRun(run_dir, model, summary, spec, ckpt["labels"], sha256_of(run_dir / CHECKPOINT))
 
@@ -64,7 +65,7 @@ def assemble_version(
     """Write the graphs into `work`, check them, score every exit, time the stages; return the manifest."""
     model, n = run.model, len(run.model.heads)
     write_graphs(model, run.input, work)
-    worst = verify_numerics(model, work, n, data.val.x[: settings.numerics_batch])
+    worst = verify_numerics(model, work, n, data.val.head(settings.numerics_batch).loaded().x)
     session = load_session(work / FULL_FILE)
     val = exit_scores(session, n, data.val, settings.confidence, "val", progress)
     test = exit_scores(session, n, data.test, settings.confidence, "test", progress)
@@ -121,6 +122,7 @@ def exit_specs(model: BranchedNet, val: ExitScores, test: ExitScores) -> list[Ex
             test_accuracy=float(test.correct[k].mean()),
             mean_confidence=float(val.confidence[k].mean()),
             reliability=reliability(val.confidence[k], val.correct[k]),
+            after_module=model.exit_module(k) if isinstance(model, StagedNet) else None,
         )
         for k, after in enumerate(model.arch.exits)
     ]
@@ -136,6 +138,7 @@ def provenance(run: TrainedRun, data: Dataset, settings: ExportSettings, worst: 
         "regime": summary["config"],
         "seed": summary["config"]["seed"],
         "arch": summary["arch"],
+        "backbone": summary.get("backbone"),
         "data": {
             **data.describe(),
             "source": data.source.model_dump(mode="json") if data.source else None,

@@ -22,7 +22,7 @@ from branchserve.repo.frontier import (
     search,
 )
 from branchserve.repo.manifest import CalibrationBin, ConfidenceKind, CostProfile, OperatingPoint
-from branchserve.training.data import Split
+from branchserve.training.data import Samples
 from branchserve.training.export import ExportError
 from branchserve.training.export.graphs import logits_name
 
@@ -32,19 +32,22 @@ FINAL, NEAR_FINAL = "final", "near-final"
 def exit_scores(
     full: ort.InferenceSession,
     n: int,
-    split: Split,
+    split: Samples,
     confidence: ConfidenceKind,
     desc: str,
     progress: bool,
     batch: int = 500,
 ) -> ExitScores:
-    """Every exit's confidence and correctness on a whole split, from the exported graph (what the server runs)."""
+    """Every exit's confidence and correctness on a whole split (the images that could be read),
+    from the exported graph (what the server runs)."""
     logits: list[list[np.ndarray]] = [[] for _ in range(n)]
+    labels = []
     name = full.get_inputs()[0].name
-    for i in tqdm(range(0, len(split), batch), desc=desc, unit="batch", leave=False, disable=not progress):
-        for k, z in enumerate(full.run([logits_name(j) for j in range(n)], {name: split.x[i : i + batch].numpy()})):
+    for x, y in tqdm(split.batches(batch), desc=desc, unit="batch", leave=False, disable=not progress):
+        for k, z in enumerate(full.run([logits_name(j) for j in range(n)], {name: x.numpy()})):
             logits[k].append(z)
-    return ExitScores.from_logits([np.concatenate(z) for z in logits], split.y.numpy(), confidence)
+        labels.append(y.numpy())
+    return ExitScores.from_logits([np.concatenate(z) for z in logits], np.concatenate(labels), confidence)
 
 
 def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[CalibrationBin]:

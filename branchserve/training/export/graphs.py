@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from branchserve.repo.manifest import InputSpec
 from branchserve.training.export import ExportError
-from branchserve.training.model import BranchedNet
+from branchserve.training.model import BranchedNet, ExitHead
 
 OPSET = 18
 FULL_FILE = "full.onnx"
@@ -92,12 +92,15 @@ class PooledLinear(nn.Module):
 
 def for_export(model: BranchedNet, spec: InputSpec) -> BranchedNet:
     """A copy whose exit heads end in `PooledLinear` instead of pool, flatten and linear; the
-    original stays the reference the exported graphs are checked against."""
+    original stays the reference the exported graphs are checked against. (A cut backbone's final
+    exit is its own classifier, which is left as it is.)"""
     copy = deepcopy(model).eval()
     x = torch.zeros(1, *spec.shape)
     with torch.no_grad():
         for k, head in enumerate(copy.heads):
             x, _ = copy.run_stage(k, x)
+            if not isinstance(head, ExitHead):
+                continue
             layers = list(head.net)
             pool, flatten, linear = ([None] * 3 + layers)[-3:]
             if not (
@@ -157,8 +160,26 @@ def split_stages(full: onnx.ModelProto, n: int, input_name: str) -> list[onnx.Mo
     for k in range(n):
         inputs = [input_name if k == 0 else boundary_name(k - 1)]
         outputs = ([boundary_name(k)] if k < n - 1 else []) + [logits_name(k)]
-        stages.append(route_input_through_pool(extractor.extract_model(inputs, outputs)))
+        stage = extractor.extract_model(inputs, outputs)
+        check_cut(stage, k)
+        stages.append(route_input_through_pool(stage))
     return stages
+
+
+def check_cut(stage: onnx.ModelProto, k: int) -> None:
+    """A stage must compute from its one input and its own weights. Where the network is not a chain
+    at the cut, the extractor pulls in nodes from before it that read tensors the stage is never
+    given: refuse that split by name, rather than ship stages that cannot run or compute otherwise."""
+    graph = stage.graph
+    known = {t.name for t in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if missing := [name for name in node.input if name not in known]:
+            raise ExportError(
+                f"stage {k} is not a chain at its cut: node {node.name!r} needs {missing[0]!r}, which is computed "
+                f"before {graph.input[0].name!r} and does not pass through it; put the exits after modules every "
+                "path runs through"
+            )
+        known.update(node.output)
 
 
 def route_input_through_pool(stage: onnx.ModelProto) -> onnx.ModelProto:
