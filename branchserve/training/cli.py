@@ -32,6 +32,7 @@ from branchserve.training.config import (
     Weighting,
     arch_for,
     comma_list,
+    parse_cell,
     parse_grid,
 )
 
@@ -98,10 +99,15 @@ def _train(args: argparse.Namespace) -> None:
 
     try:
         data = load_data(data_source(args, args.split_seed))
+        base = None
+        if args.head_conv_width is not None:  # the data's shape, with the heads asked for
+            channels, size = data.input.shape[0], data.input.shape[1]
+            base = ArchConfig(channels, size, len(data.labels), head_conv_width=args.head_conv_width)
         summary = train(
             cfg,
             data,
             args.out,
+            base,
             widths=widths,
             resume=args.resume,
             threads=args.threads,
@@ -173,6 +179,14 @@ def _register_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--widths",
         help=f"channels of each backbone block (default {default_widths}); multiples of 16 fill onnxruntime's "
         "blocked layout on AVX-512 CPUs, which computes 24 channels as 32",
+    )
+    t.add_argument(
+        "--head-conv-width",
+        type=int,
+        choices=range(0, 1025),
+        metavar="N",
+        help=f"channels of the 1×1 conv that opens each exit head; 0 for none: pooling and one linear layer, "
+        f"cheaper at 14×14 exits (default {ArchConfig().head_conv_width})",
     )
     _regime_flag(t, "branches", type=int)
     _regime_flag(
@@ -319,9 +333,16 @@ def _study(args: argparse.Namespace) -> None:
     analysis_defaults = StudySpec.model_fields["analysis"].default.model_dump()
     try:
         analysis = AnalysisSettings(**{**analysis_defaults, **given(args, AnalysisSettings)})
-        spec = StudySpec(**{**given(args, StudySpec), "grid": parse_grid(args.grid), "analysis": analysis})
+        cells = {
+            "grid": parse_grid(args.grid) if args.grid else {},
+            "vary": parse_grid(args.vary) if args.vary else {},
+            "extra": [parse_cell(c) for c in args.cell or []],
+            "fixed": parse_cell(args.set) if args.set else {},
+        }
+        spec = StudySpec(**{**given(args, StudySpec), **cells, "analysis": analysis})
         for cell in spec.cells():  # every cell's regime, before the first one trains
-            spec.config(cell)
+            for seed in spec.seeds:
+                spec.config(cell, seed)
     except ValidationError as e:
         fail("study", validation_message(e))
     except ValueError as e:
@@ -363,21 +384,40 @@ def _register_analysis(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _analysis_flags(a, AnalysisSettings())
     a.set_defaults(func=_analyze)
 
-    s = sub.add_parser("study", help="train and score a grid of training regimes (resumable)")
+    s = sub.add_parser("study", help="train and score training regimes over seeds (resumable)")
     s.add_argument(
         "--grid",
         nargs="+",
-        required=True,
         metavar="KEY=V1,V2",
-        help="one axis per regime field, e.g. weighting=equal,seed schedule=joint,joint+finetune; "
-        "list values join numbers with ':', e.g. positions=equidistant,1:3:5:7",
+        help="axes to cross, one per regime field, e.g. weighting=equal,seed schedule=joint,joint+finetune; "
+        "list values join numbers with ':', e.g. positions=equidistant,1:3:5:7 (default none)",
+    )
+    s.add_argument(
+        "--vary",
+        nargs="+",
+        metavar="KEY=V1,V2",
+        help="axes to try one at a time around the preset: the preset's own cell, then each value alone (default none)",
+    )
+    s.add_argument(
+        "--cell",
+        nargs="+",
+        action="append",
+        metavar="KEY=V",
+        help="one more cell, e.g. --cell weighting=decreasing schedule=joint; repeat for more (default none)",
+    )
+    s.add_argument(
+        "--set",
+        nargs="+",
+        metavar="KEY=V",
+        help="regime fields every cell shares, e.g. finetune-epochs=1 (default none)",
     )
     spec = StudySpec.model_fields
     s.add_argument(
         "--preset", choices=get_args(Preset), help=f"{spec['preset'].description} (default {DEFAULT_PRESET})"
     )
-    for name, kind in (("epochs", int), ("seed", int), ("cost_budget", float)):
+    for name, kind in (("epochs", int), ("cost_budget", float)):
         _field_flag(s, StudySpec, name, spec[name].default, type=kind)
+    s.add_argument("--seeds", type=_ints, help="every cell is trained once per seed, e.g. 0,1,2 (default 0)")
     _field_flag(s, StudySpec, "train_limit", "all", type=_count)
     _analysis_flags(s, spec["analysis"].default)
     s.set_defaults(func=_study)
