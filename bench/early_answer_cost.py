@@ -34,8 +34,24 @@ LAYOUTS: dict[str, dict[str, object]] = {
     "w32, exits 0,1,3,5,7": {"widths": W32, "exits": (0, 1, 3, 5, 7)},
     "w32, exits 0,1,2,3,5,7": {"widths": W32, "exits": (0, 1, 2, 3, 5, 7)},
     "w32, exits 0,1,3,5,7, heads without 1×1 conv": {"widths": W32, "exits": (0, 1, 3, 5, 7), "head_conv_width": 0},
+    "w32, 6 exits equidistant by MACs (0,1,3,4,6,7), no 1×1 conv": {
+        "widths": W32,
+        "exits": (0, 1, 3, 4, 6, 7),
+        "head_conv_width": 0,
+    },
+    "w32, 8 exits (every block), no 1×1 conv": {"widths": W32, "exits": tuple(range(8)), "head_conv_width": 0},
     "w16 stage 0, exits 0,1,3,5,7": {"widths": (16, 16, *W32[2:]), "exits": (0, 1, 3, 5, 7)},
     "w16 stage 0, exits 1,3,5,7": {"widths": (16, 16, *W32[2:]), "exits": (1, 3, 5, 7)},
+    "w16 stage 0, exits 0,1,3,5,7, no 1×1 conv": {
+        "widths": (16, 16, *W32[2:]),
+        "exits": (0, 1, 3, 5, 7),
+        "head_conv_width": 0,
+    },
+    "w16 stage 0, 64/128 after, exits 0,1,3,5,7, no 1×1 conv": {
+        "widths": (16, 16, 64, 64, 128, 128, 128, 128),
+        "exits": (0, 1, 3, 5, 7),
+        "head_conv_width": 0,
+    },
 }
 
 
@@ -77,7 +93,7 @@ def export_layouts(folder: Path) -> dict[str, list[Path]]:
     from branchserve.training.config import ArchConfig
     from branchserve.training.data import FMNIST_INPUT
     from branchserve.training.export.graphs import stage_file, write_graphs
-    from branchserve.training.model import BranchedNet
+    from branchserve.training.model import BranchedNet, stage_macs
 
     files = {}
     for i, (name, layout) in enumerate(LAYOUTS.items()):
@@ -89,6 +105,8 @@ def export_layouts(folder: Path) -> dict[str, list[Path]]:
         out.mkdir()
         write_graphs(model, FMNIST_INPUT, out)  # it folds the heads itself
         files[name] = [out / stage_file(k) for k in range(len(model.heads))]
+        macs = np.cumsum([s["backbone_macs"] + s["head_macs"] for s in stage_macs(model)]) / 1e6
+        print(f"{name}: MMACs to reach each exit {' / '.join(f'{m:.2f}' for m in macs)}")
     return files
 
 

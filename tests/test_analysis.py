@@ -248,6 +248,10 @@ def test_study_runs_every_cell_per_seed_and_resumes_without_retraining(
     monkeypatch.setattr(study_module, "train", no_training)
     again = run_study(spec, data, tmp_path, base_arch=TINY, progress=False, after_cell=no_training)
     assert [r.model_dump() for r in again] == [r.model_dump() for r in results]
+    # more seeds and cells may be added to a study; --report-only reports the finished runs and trains nothing
+    grown = spec.model_copy(update={"seeds": [0, 1, 2], "extra": [{"weighting": "increasing"}]})
+    partial = run_study(grown, data, tmp_path, base_arch=TINY, progress=False, train_missing=False)
+    assert sorted((r.name, r.seed) for r in partial) == sorted((r.name, r.seed) for r in results)
     with pytest.raises(ValueError, match="other settings"):
         run_study(spec.model_copy(update={"epochs": 2}), data, tmp_path, base_arch=TINY, progress=False)
 

@@ -355,7 +355,12 @@ def _study(args: argparse.Namespace) -> None:
     try:
         data = load_data(data_source(args, split_seed=0))
         results = run_study(
-            spec, data, args.out, threads=args.threads, after_cell=lambda done: write_study(done, spec, args.out)
+            spec,
+            data,
+            args.out,
+            threads=args.threads,
+            after_cell=lambda done: write_study(done, spec, args.out),
+            train_missing=not args.report_only,
         )
     except (DataError, ValueError) as e:
         fail("study", e)
@@ -418,6 +423,11 @@ def _register_analysis(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     for name, kind in (("epochs", int), ("cost_budget", float)):
         _field_flag(s, StudySpec, name, spec[name].default, type=kind)
     s.add_argument("--seeds", type=_ints, help="every cell is trained once per seed, e.g. 0,1,2 (default 0)")
+    s.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report of the runs already finished (default off)",
+    )
     _field_flag(s, StudySpec, "train_limit", "all", type=_count)
     _analysis_flags(s, spec["analysis"].default)
     s.set_defaults(func=_study)

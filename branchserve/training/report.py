@@ -182,13 +182,12 @@ def plot_study(stats: list[CellStats], path: Path) -> None:
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
     for c in stats:
-        style = "s--" if c.branches == 1 else ".-"
-        line = axes[0].plot(
-            range(len(c.test_accuracy)), [a.mean for a in c.test_accuracy], style, label=f"{c.name} ({len(c.seeds)})"
-        )[0]
+        style = "s--" if len(c.exits) == 1 else ".-"
+        label = f"{c.name} ({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''})"
+        line = axes[0].plot(c.exits, [a.mean for a in c.test_accuracy], style, label=label)[0]
         axes[1].plot(range(len(c.probe)), [a.mean for a in c.probe], style, color=line.get_color())
         axes[2].plot(range(len(c.r2)), [a.mean for a in c.r2], style, color=line.get_color())
-    axes[0].set(title="test accuracy per exit", xlabel="exit", ylabel="accuracy")
+    axes[0].set(title="test accuracy per exit", xlabel="block the exit follows", ylabel="accuracy")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set(title="linear-probe accuracy", xlabel="backbone block", ylabel="accuracy")
     axes[2].set(title="class separation R²", xlabel="backbone block", ylabel="R²")

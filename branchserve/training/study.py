@@ -182,11 +182,13 @@ def run_study(
     threads: int | None = None,
     progress: bool = True,
     after_cell: Callable[[list[CellResult]], object] | None = None,
+    train_missing: bool = True,
 ) -> list[CellResult]:
     """Train and score every unfinished run, then return all runs ranked (also written to results.json).
 
     `after_cell` receives the ranked runs finished so far after each newly scored one, so a long
-    study shows partial results while it runs.
+    study shows partial results while it runs. Without `train_missing`, unfinished runs are left
+    out: the results of a study cut short, as they stand.
     """
     out.mkdir(parents=True, exist_ok=True)
     check_spec(out, spec)
@@ -203,6 +205,8 @@ def run_study(
             if done.config == cfg.model_dump():
                 results.append(done)
                 continue
+        if not train_missing:
+            continue
         summary = train(
             cfg,
             replace(data, val=data.val.head(LOG_VAL)),

@@ -48,7 +48,7 @@ class CellStats:
     the base cell (absolute), `*_vs_unbranched` per block are paired relative changes."""
 
     name: str
-    branches: int
+    exits: list[int]
     seeds: list[int]
     test_accuracy: list[Interval]
     final: Interval
@@ -117,7 +117,7 @@ def _one_cell(
     ckas = [r.cka_to_unbranched for r in rs if r.cka_to_unbranched]
     return CellStats(
         name=name,
-        branches=branches,
+        exits=rs[0].analysis.exits,
         seeds=sorted(runs),
         test_accuracy=[Interval.of([r.test_accuracy[k] for r in rs]) for k in range(len(rs[0].test_accuracy))],
         final=Interval.of([r.final_accuracy for r in rs]),
