@@ -34,6 +34,7 @@ class Outcome:
     latency_ms: list[float] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
     retry_after: int = 0  # 503s that carried Retry-After
+    bodies: list[bytes] | None = None  # every response body, in `status` order, when asked to keep them
 
     def summary(self, rate: float, duration_s: float) -> dict[str, object]:
         ok = [ms for ms, s in zip(self.latency_ms, self.status, strict=True) if s == 200]
@@ -55,15 +56,14 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def request_bytes(host: str, path: str, body: bytes, content_type: str) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
+def request_bytes(host: str, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     return head.encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, whether it carried Retry-After); reads and discards the body."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """(status, whether it carried Retry-After, body)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
@@ -75,25 +75,30 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             length = int(value)
         elif name == b"retry-after":
             retry = True
-    await reader.readexactly(length)
-    return status, retry
+    return status, retry, await reader.readexactly(length)
 
 
 async def run(
-    host: str, port: int, requests: Sequence[bytes], rate: float, duration_s: float, connections: int
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    duration_s: float,
+    connections: int,
+    keep_bodies: bool = False,
 ) -> Outcome:
     """Send `rate` requests/s for `duration_s`, cycling through `requests`, on up to `connections` connections."""
-    out = Outcome()
+    out = Outcome(bodies=[] if keep_bodies else None)
     idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection(host, port))
 
     async def one(at: float, body: bytes) -> None:
         reader, writer = await idle.get()
-        status, retry = 0, False
+        status, retry, answer = 0, False, b""
         try:
             writer.write(body)
-            status, retry = await read_response(reader)
+            status, retry, answer = await read_response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.close()
             reader, writer = await asyncio.open_connection(host, port)
@@ -103,6 +108,8 @@ async def run(
         out.latency_ms.append((time.perf_counter() - at) * 1e3)
         out.status.append(status)
         out.retry_after += retry
+        if out.bodies is not None:
+            out.bodies.append(answer)
 
     start = time.perf_counter() + 0.05
     tasks = []

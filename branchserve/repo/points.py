@@ -7,44 +7,58 @@ except a latency budget, which prices each point with stage latencies measured o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from branchserve.repo.frontier import cheapest_within, expected_cost
 from branchserve.repo.manifest import Manifest, OperatingPoint
 
 
 class Policy(BaseModel):
-    """The server's operating point for a model: give at most one field; none means the manifest's default."""
+    """The server's operating point for a model: at most one field (its JSON Schema says so too:
+    `maxProperties: 1`, no nulls); none means the manifest's default."""
 
     model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"max_accuracy_drop": 0.005}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"maxProperties": 1, "examples": [{"max_accuracy_drop": 0.005}]},
     )
 
-    point: str | None = Field(None, description="a frontier point by name")
-    max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="largest drop below the final exit's accuracy: the cheapest point that meets it"
+    point: str | SkipJsonSchema[None] = Field(None, description="a frontier point by name")
+    # Constraints go inside Annotated: on the union with SkipJsonSchema, pydantic would write them
+    # into the JSON schema under their own names (ge, gt) instead of minimum, exclusiveMinimum.
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] | SkipJsonSchema[None] = Field(
+        None, description="largest drop below the final exit's accuracy: the cheapest point that meets it"
     )
-    latency_budget_ms: float | None = Field(
-        None, gt=0, description="expected mean latency per input: the most accurate point that fits"
+    latency_budget_ms: Annotated[float, Field(gt=0)] | SkipJsonSchema[None] = Field(
+        None, description="expected mean latency per input: the most accurate point that fits"
     )
-    thresholds: list[float] | None = Field(
+    thresholds: (
+        Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(min_length=1)] | SkipJsonSchema[None]
+    ) = Field(
         None, description="explicit per-exit thresholds; a sample leaves at exit k when confidence ≥ thresholds[k]"
     )
 
-    @model_validator(mode="after")
-    def _at_most_one(self) -> Policy:
-        given = [k for k, v in self.__dict__.items() if v is not None]
-        if len(given) > 1:
-            raise ValueError(
-                f"give at most one of point, max_accuracy_drop, latency_budget_ms, thresholds; got {given}"
-            )
-        if self.thresholds is not None and not all(math.isfinite(t) and t >= 0 for t in self.thresholds):
-            raise ValueError("thresholds must be finite and non-negative")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _at_most_one(cls, data: object) -> object:
+        if isinstance(data, dict):
+            if nulls := sorted(k for k, v in data.items() if v is None):
+                raise ValueError(f"{', '.join(nulls)}: null is not a value; leave the field out")
+            if len(data) > 1:
+                raise ValueError(
+                    f"give at most one of point, max_accuracy_drop, latency_budget_ms, thresholds; got {sorted(data)}"
+                )
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Only the field given: an absent field is absent, not null."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,7 @@ def choose(manifest: Manifest, policy: Policy, stage_ms: Sequence[float]) -> Cho
         return Choice.of(cheapest_meeting(manifest, policy.max_accuracy_drop))
     if policy.latency_budget_ms is not None:
         return Choice.of(most_accurate_within(manifest, policy.latency_budget_ms, stage_ms))
-    name = policy.point or manifest.default_operating_point
+    name = manifest.default_operating_point if policy.point is None else policy.point
     try:
         return Choice.of(manifest.operating_point(name))
     except KeyError:

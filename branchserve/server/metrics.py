@@ -3,9 +3,19 @@
 A registry per app (not the global one) lets tests run several apps in one process. The
 `*_created` series that prometheus-client adds to every counter and histogram are off: they
 doubled the series count and no dashboard reads them.
+
+With several workers (server/workers.py) every worker writes prometheus-client's multiprocess
+files and a scrape of any of them reads all: counters and histograms are summed exactly; the
+in-flight gauge is summed over live workers; the thresholds and the expected saving are the most
+recent any worker wrote (workers apply the same admin changes); `process_*` series are kept per
+worker, labelled `worker="<pid>"`.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import (
@@ -17,7 +27,11 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from branchserve.server.runtime import Outcome
 
@@ -26,6 +40,11 @@ STAGE_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 OUTCOMES = ("ok", "bad_input", "overloaded", "expired", "disconnected", "timed_out")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+ModelLabels = tuple[str, str]
+"""(model, version): the labels every per-model series starts with."""
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
@@ -33,83 +52,92 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=r)
         self.requests = Counter(
-            "branchserve_requests", "Predict requests by model and outcome", ["model", "outcome"], registry=r
+            "branchserve_requests", "Predict requests by model and outcome", ["model", "version", "outcome"], registry=r
         )
         self.request_seconds = Histogram(
             "branchserve_request_duration_seconds",
             "Server-side latency of answered predict requests",
-            ["model"],
+            ["model", "version"],
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
         self.in_flight = Gauge(
-            "branchserve_in_flight_requests", "Predict requests admitted, not yet answered", registry=r
+            "branchserve_in_flight_requests",
+            "Predict requests received whole, not yet answered",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.degraded = Counter(
             "branchserve_degraded_requests",
             "Requests served at the cheaper point used under load",
-            ["model"],
+            ["model", "version"],
             registry=r,
         )
         self.exit_answers = Counter(
-            "branchserve_exit_answers", "Inputs answered by each exit", ["model", "exit"], registry=r
+            "branchserve_exit_answers", "Inputs answered by each exit", ["model", "version", "exit"], registry=r
         )
         self.exit_confidence = Histogram(
             "branchserve_exit_confidence",
             "Confidence of every input scored at each exit (answered there or not)",
-            ["model", "exit"],
+            ["model", "version", "exit"],
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
         self.stage_seconds = Histogram(
             "branchserve_stage_duration_seconds",
             "Wall time of one stage call (one batch)",
-            ["model", "stage"],
+            ["model", "version", "stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.deadline_requests = Counter(
-            "branchserve_deadline_requests", "Requests that carried a deadline", ["model"], registry=r
+            "branchserve_deadline_requests", "Requests that carried a deadline", ["model", "version"], registry=r
         )
         self.deadline_stops = Counter(
             "branchserve_deadline_stops",
             "Requests stopped before a stage to meet their deadline",
-            ["model"],
+            ["model", "version"],
             registry=r,
         )
         self.deadline_misses = Counter(
-            "branchserve_deadline_misses", "Requests answered after their deadline", ["model"], registry=r
+            "branchserve_deadline_misses", "Requests answered after their deadline", ["model", "version"], registry=r
         )
         self.threshold = Gauge(
             "branchserve_exit_threshold",
             "Server threshold of each exit at the current operating point",
-            ["model", "exit"],
+            ["model", "version", "exit"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.expected_saved = Gauge(
             "branchserve_expected_compute_saved_ratio",
             "1 - expected MACs of the current operating point over full depth (NaN for explicit thresholds)",
-            ["model"],
+            ["model", "version"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
-        self.macs = Counter("branchserve_compute_macs", "Multiply-accumulates computed", ["model"], registry=r)
+        self.macs = Counter(
+            "branchserve_compute_macs", "Multiply-accumulates computed", ["model", "version"], registry=r
+        )
         self.full_depth_macs = Counter(
             "branchserve_full_depth_macs",
             "Multiply-accumulates the same inputs would cost at full depth",
-            ["model"],
+            ["model", "version"],
             registry=r,
         )
 
-    def add_model(self, name: str, num_exits: int) -> None:
-        """Create every series of a model at zero, so rates and absences mean something from the start."""
+    def add_model(self, labels: ModelLabels, num_exits: int) -> None:
+        """Create every series of a model version at zero, so rates and absences mean something from the start."""
         for outcome in OUTCOMES:
-            self.requests.labels(name, outcome)
+            self.requests.labels(*labels, outcome)
         for k in map(str, range(num_exits)):
-            self.exit_answers.labels(name, k)
-            self.exit_confidence.labels(name, k)
-            self.stage_seconds.labels(name, k)
+            self.exit_answers.labels(*labels, k)
+            self.exit_confidence.labels(*labels, k)
+            self.stage_seconds.labels(*labels, k)
         for m in (
             self.request_seconds,
             self.degraded,
@@ -119,24 +147,63 @@ class Metrics:
             self.macs,
             self.full_depth_macs,
         ):
-            m.labels(name)
+            m.labels(*labels)
 
-    def set_thresholds(self, name: str, thresholds: tuple[float, ...], saved: float) -> None:
+    def drop_model(self, labels: ModelLabels, num_exits: int) -> None:
+        """An unloaded version: its gauges go (they would claim thresholds nobody serves); counters stay."""
+        for k in map(str, range(num_exits)):
+            self.threshold.remove(*labels, k)
+        self.expected_saved.remove(*labels)
+
+    def set_thresholds(self, labels: ModelLabels, thresholds: tuple[float, ...], saved: float) -> None:
         for k, t in enumerate(thresholds):
-            self.threshold.labels(name, str(k)).set(t)
-        self.expected_saved.labels(name).set(saved)
+            self.threshold.labels(*labels, str(k)).set(t)
+        self.expected_saved.labels(*labels).set(saved)
 
-    def observe_run(self, name: str, outcome: Outcome, macs: float, full_macs: float) -> None:
+    def observe_run(self, labels: ModelLabels, outcome: Outcome, macs: float, full_macs: float) -> None:
         for k, (seconds, scored) in enumerate(zip(outcome.stage_seconds, outcome.scored, strict=True)):
-            self.stage_seconds.labels(name, str(k)).observe(seconds)
-            hist = self.exit_confidence.labels(name, str(k))
+            self.stage_seconds.labels(*labels, str(k)).observe(seconds)
+            hist = self.exit_confidence.labels(*labels, str(k))
             for c in scored.tolist():
                 hist.observe(c)
         for k, count in enumerate(np.bincount(outcome.exits).tolist()):
             if count:
-                self.exit_answers.labels(name, str(k)).inc(count)
-        self.macs.labels(name).inc(macs)
-        self.full_depth_macs.labels(name).inc(full_macs)
+                self.exit_answers.labels(*labels, str(k)).inc(count)
+        self.macs.labels(*labels).inc(macs)
+        self.full_depth_macs.labels(*labels).inc(full_macs)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        every_worker.register(WorkerProcesses(Path(self.multiprocess_dir)))
+        return generate_latest(every_worker)
+
+    def leave(self) -> None:
+        """This worker is stopping: its share of the in-flight gauge goes."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+class WorkerProcesses(Collector):
+    """CPU, memory and start time of every live worker, one series each, from /proc (prometheus-client's
+    own process collector reports only the process that answers the scrape)."""
+
+    def __init__(self, multiprocess_dir: Path) -> None:
+        self.multiprocess_dir = multiprocess_dir
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time", labels=["worker"])
+        memory = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory", labels=["worker"])
+        for pid in sorted({f.stem.rsplit("_", 1)[-1] for f in self.multiprocess_dir.glob("*.db")}):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (FileNotFoundError, ValueError):
+                continue  # a worker that has exited
+            fields = stat[stat.rindex(")") + 2 :].split()
+            cpu.add_metric([pid], (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+            memory.add_metric([pid], pages * PAGE_BYTES)
+        yield cpu
+        yield memory

@@ -18,7 +18,7 @@ from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Choice, Policy, cheapest_meeting, choose
 from branchserve.repo.tensors import FloatArray
 from branchserve.server.budget import Budget
-from branchserve.server.metrics import Metrics
+from branchserve.server.metrics import Metrics, ModelLabels
 from branchserve.server.runtime import ModelRuntime, Outcome
 
 RECHOOSE_SECONDS = 1.0  # a latency budget is re-priced with live stage latencies this often
@@ -31,7 +31,7 @@ class PredictError(ValueError):
 
 
 class DeadlineError(RuntimeError):
-    """A request's deadline leaves too little time for even the first stage: answered at once, not late."""
+    """A request's deadline passed while it waited to start: answered at once (503), never computed late."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,12 @@ class ServedModel:
         self.runtime = runtime
         self.manifest = runtime.manifest
         self.name = self.manifest.name
+        self.version = self.manifest.version
+        self.labels: ModelLabels = (self.name, str(self.version))  # of its metric series
         self.metrics = metrics
         self.full_macs = float(runtime.cumulative_macs[-1])
         self.load_point = Choice.of(cheapest_meeting(self.manifest, degrade_drop))
-        metrics.add_model(self.name, runtime.num_exits)
+        metrics.add_model(self.labels, runtime.num_exits)
         self._lock = threading.Lock()
         self.policy = policy
         self.set_policy(policy)
@@ -77,7 +79,7 @@ class ServedModel:
             if unless_changed_from is None or self.policy is unless_changed_from:
                 choice = choose(self.manifest, policy, self.runtime.clock.per_input_ms())
                 self.policy, self.choice, self.chosen_at = policy, choice, time.monotonic()
-                self.metrics.set_thresholds(self.name, choice.thresholds, self.expected_saved(choice))
+                self.metrics.set_thresholds(self.labels, choice.thresholds, self.expected_saved(choice))
             return self.choice
 
     def current(self) -> Choice:
@@ -108,26 +110,35 @@ class ServedModel:
         x = request.inputs()
         choice, source = self._thresholds(budget, loaded)
         max_exit = last if budget.max_exit is None else budget.max_exit
-        deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
-        if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
-            left_ms = (deadline_at - time.perf_counter()) * 1e3
-            if left_ms <= 0:
-                raise DeadlineError(f"deadline passed {-left_ms:.2f} ms ago, before the request could start")
-            raise DeadlineError(f"deadline cannot be met: {left_ms:.2f} ms left, the first stage alone needs more")
+        deadline_at = None if budget.deadline_ms is None else self._deadline(budget.deadline_ms, len(x), started)
         outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at)
         latency = time.perf_counter() - started
         missed = None if deadline_at is None else started + latency > deadline_at
         self._observe(outcome, latency, source, missed)
         return Result(self.manifest, outcome, choice, source, budget, request.probabilities, latency, missed)
 
+    def _deadline(self, deadline_ms: float, rows: int, started: float) -> float:
+        """The instant a deadline falls due; refuses one no answer could meet (PredictError) and one
+        that passed while the request waited (DeadlineError): neither is ever computed late."""
+        first_ms = self.runtime.clock.idle_time(0, rows) * 1e3
+        if deadline_ms < first_ms:
+            raise PredictError(
+                f"budget.deadline_ms: {deadline_ms:g} ms is shorter than the first stage alone takes here "
+                f"({first_ms:.2f} ms for {rows} input(s)), so no answer could meet it"
+            )
+        late_ms = (time.perf_counter() - started) * 1e3 - deadline_ms
+        if late_ms >= 0:
+            raise DeadlineError(f"deadline passed {late_ms:.2f} ms ago, while the request waited to start")
+        return started + deadline_ms / 1e3
+
     def _observe(self, outcome: Outcome, latency: float, source: Source, missed: bool | None) -> None:
-        m, name, exits = self.metrics, self.name, outcome.exits
-        m.observe_run(name, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
-        m.requests.labels(name, "ok").inc()
-        m.request_seconds.labels(name).observe(latency)
+        m, labels, exits = self.metrics, self.labels, outcome.exits
+        m.observe_run(labels, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
+        m.requests.labels(*labels, "ok").inc()
+        m.request_seconds.labels(*labels).observe(latency)
         if source == "load":
-            m.degraded.labels(name).inc()
+            m.degraded.labels(*labels).inc()
         if missed is not None:
-            m.deadline_requests.labels(name).inc()
-            m.deadline_stops.labels(name).inc(outcome.deadline_stopped)
-            m.deadline_misses.labels(name).inc(missed)
+            m.deadline_requests.labels(*labels).inc()
+            m.deadline_stops.labels(*labels).inc(outcome.deadline_stopped)
+            m.deadline_misses.labels(*labels).inc(missed)
