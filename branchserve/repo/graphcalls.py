@@ -30,9 +30,17 @@ def graph_call(session: ort.InferenceSession, outputs: Sequence[str]) -> Callabl
     return lambda input_name, x: cast(list[FloatArray], run(names, {input_name: x}, RUN_OPTIONS))
 
 
-def _bound_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], None]:
-    c_session, c_binding = session._sess, binding._iobinding
-    return lambda: c_session.run_with_iobinding(c_binding, RUN_OPTIONS)
+class _BoundCall:
+    """One bound run. It holds the buffers its binding points into: onnxruntime does not own numpy
+    memory, so a call that outlived its chain would write into freed memory."""
+
+    __slots__ = ("_binding", "_keep", "_run")
+
+    def __init__(self, session: ort.InferenceSession, binding: ort.IOBinding, keep: list[ort.OrtValue]) -> None:
+        self._run, self._binding, self._keep = session._sess.run_with_iobinding, binding._iobinding, keep
+
+    def __call__(self) -> None:
+        self._run(self._binding, RUN_OPTIONS)
 
 
 class BoundChain:
@@ -43,7 +51,7 @@ class BoundChain:
 
     def __init__(self, sessions: Sequence[ort.InferenceSession], x: FloatArray, feeds: Sequence[str]) -> None:
         self.input: FloatArray = np.array(x, np.float32, order="C")
-        self._values: list[ort.OrtValue] = []  # keeps every bound OrtValue alive with the chain
+        self._values: list[ort.OrtValue] = []  # every bound OrtValue (each holds its numpy buffer)
         self.calls: list[Callable[[], None]] = []
         self.outputs: list[dict[str, FloatArray]] = []
         feed, array = self._value(self.input), self.input
@@ -56,7 +64,7 @@ class BoundChain:
             values = {name: self._value(b) for name, b in buffers.items()}
             for name, value in values.items():
                 binding.bind_ortvalue_output(name, value)
-            self.calls.append(_bound_call(session, binding))
+            self.calls.append(_BoundCall(session, binding, self._values))
             self.outputs.append(buffers)
             if k < len(feeds):
                 feed, array = values[feeds[k]], shapes[names.index(feeds[k])]
