@@ -104,18 +104,21 @@ class _BoundStages:
 
     def __init__(self, stages: Sequence[Stage], input_shape: Sequence[int]) -> None:
         feeds = [cast(str, s.boundary_output) for s in stages[:-1]]
-        self.chain = BoundChain([s.session for s in stages], np.zeros((1, *input_shape), np.float32), feeds)
-        self.names = [(s.logits_output, s.boundary_output) for s in stages]
+        chain = BoundChain([s.session for s in stages], np.zeros((1, *input_shape), np.float32), feeds)
+        self.input = chain.input
+        self.steps = [
+            (call, out[s.logits_output], None if s.boundary_output is None else out[s.boundary_output])
+            for call, out, s in zip(chain.calls, chain.outputs, stages, strict=True)
+        ]
 
     def start(self, x: FloatArray) -> StageCall:
-        np.copyto(self.chain.input, x)
+        np.copyto(self.input, x)
         return self._step
 
     def _step(self, k: int, _: FloatArray) -> tuple[FloatArray, FloatArray | None]:
-        self.chain.calls[k]()
-        logits, boundary = self.names[k]
-        out = self.chain.outputs[k]
-        return out[logits].copy(), (None if boundary is None else out[boundary])
+        call, logits, boundary = self.steps[k]
+        call()
+        return logits.copy(), boundary
 
 
 class ModelRuntime:
