@@ -76,7 +76,9 @@ def main() -> None:
     alone: list[dict[str, Any]] = []
     beside: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = branchserve_cmd(ROOT / "models", port, "--workers", "1", "--log-level", "warning", "--request-timeout-s", "5")
+        cmd = branchserve_cmd(
+            ROOT / "models", port, "--workers", "1", "--log-level", "warning", "--request-timeout-s", "5"
+        )
         with started_server(cmd, port, Path(tmp) / "server.log") as server:
             load(server.url, MODEL, args.rate, 3.0)  # warm up
             for r in range(args.repeats):

@@ -1,25 +1,96 @@
-"""What splitting costs: the chain of stage graphs run to the end against the single full graph.
+"""What splitting costs the server: its stage chain run to the end against the single full graph.
 
-    python bench/staged_vs_full.py models/fmnist-resnet/3 --repeats 11 --runs 2000
+    python bench/staged_vs_full.py models/fmnist-resnet/3 --repeats 5 --runs 2000
 
-Each repeat opens fresh sessions (one intra-op thread, no spinning, as the server does) and times
-chain and full graph in one loop at batch 1, taking turns in blocks of runs, twice: through
-IOBindings into buffers allocated once, on onnxruntime's C binding (how `calibrate` measures), and
-through plain `session.run` with numpy in and out.
-The ratio reported is the median over repeats of median chain time over median full-graph time.
-Needs no torch.
+Each repeat builds the server's own `ModelRuntime` (fresh sessions, one intra-op thread, no
+spinning; calibrated as at start-up) and times, in one loop, taking turns in blocks of runs:
+
+* graph calls: the stages through `ModelRuntime.stage_call`, the calls `run` makes (bound
+  buffers at batch 1, the C binding with numpy out at larger batches), against the full graph
+  called the same way (`repo/graphcalls.py`). This is also what `calibrate` records.
+* served: `ModelRuntime.run` with no exit taken (every stage, its confidence, the bookkeeping)
+  against the full graph plus what serving it would need once (its confidence and softmax).
+* `session.run`: both through onnxruntime's Python wrapper with numpy in and out, as the server
+  called its stages before (for comparison).
+
+A ratio is median chain time over median full-graph time in one repeat; the figure is the median
+over repeats. Needs no torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from branchserve.repo.confidence import exit_confidence, softmax
+from branchserve.repo.graphcalls import BoundChain, graph_call
 from branchserve.repo.loading import load_version
-from branchserve.repo.profiling import describe_host, measure
+from branchserve.repo.manifest import Manifest
+from branchserve.repo.profiling import PlainGraphs, describe_host
+from branchserve.repo.sessions import load_session
+from branchserve.server.runtime import ModelRuntime
+
+BLOCK = 50
+
+
+def timings(m: Manifest, version_dir: Path, x: np.ndarray) -> dict[str, Callable[[], object]]:
+    runtime = ModelRuntime(m, version_dir)
+    full_session = load_session(version_dir / m.full_graph.file)
+    final = m.full_graph.logits_outputs[-1]
+    if len(x) == 1:
+        bound = BoundChain([full_session], x, [])
+
+        def full() -> np.ndarray:
+            bound.calls[0]()
+            return bound.outputs[0][final].copy()
+    else:
+        names = [o.name for o in full_session.get_outputs()]
+        call = graph_call(full_session, names)
+
+        def full() -> np.ndarray:
+            return call(m.input.name, x)[names.index(final)]
+
+    def full_served() -> None:
+        logits = full()
+        exit_confidence(logits, m.confidence)
+        softmax(logits)
+
+    def stage_calls() -> None:
+        call, h = runtime.stage_call(x), x
+        for k in range(runtime.num_exits):
+            _, boundary = call(k, h)
+            if boundary is not None:
+                h = boundary
+
+    plain = PlainGraphs([s.session for s in runtime.stages], full_session, x)
+    never, last = [2.0] * (runtime.num_exits - 1) + [0.0], runtime.num_exits - 1
+    return {
+        "graph calls, chain": stage_calls,
+        "graph calls, full": full,
+        "served, chain": lambda: runtime.run(x, never, last),
+        "served, full": full_served,
+        "session.run, chain": plain.time_chain,
+        "session.run, full": plain.time_full,
+    }
+
+
+def repeat(m: Manifest, version_dir: Path, x: np.ndarray, runs: int) -> dict[str, float]:
+    """Median µs of each timing over `runs`, after a tenth as many warm-up runs."""
+    fns = timings(m, version_dir, x)
+    samples: dict[str, list[int]] = {name: [] for name in fns}
+    total = runs + runs // 10
+    while len(samples["graph calls, full"]) < total:
+        for name, fn in fns.items():
+            for _ in range(BLOCK):
+                t0 = time.perf_counter_ns()
+                fn()
+                samples[name].append(time.perf_counter_ns() - t0)
+    return {name: float(np.median(s[runs // 10 :])) / 1e3 for name, s in samples.items()}
 
 
 def main() -> None:
@@ -30,26 +101,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
     m = load_version(args.version_dir)
-    files = [args.version_dir / s.file for s in m.stages]
-    print(f"{m.name}/{m.version} on {describe_host()}, load average {os.getloadavg()[0]:.2f}")
-    for plain in (False, True):
-        how = "session.run, numpy in and out" if plain else "IOBinding, buffers allocated once"
-        ratios = []
-        for r in range(args.repeats):
-            row = measure(
-                files, args.version_dir / m.full_graph.file, m.input.shape, (args.batch_size,), args.runs, False, plain
-            )[0]
-            ratios.append(row.chain_ms / row.full_graph_ms)
-            stages = " + ".join(f"{s:.3f}" for s in row.stage_ms)
-            print(
-                f"{how}, repeat {r}: chain {row.chain_ms:.3f} ms (stages {stages}), "
-                f"full graph {row.full_graph_ms:.3f} ms, ratio {ratios[-1]:.3f}"
-            )
+    x = np.random.default_rng(0).standard_normal((args.batch_size, *m.input.shape)).astype(np.float32)
+    print(f"{m.name}/{m.version} on {describe_host()}, batch {args.batch_size}, load average {os.getloadavg()}")
+    ratios: dict[str, list[float]] = {"graph calls": [], "served": [], "session.run": []}
+    for r in range(args.repeats):
+        us = repeat(m, args.version_dir, x, args.runs)
+        for how, rs in ratios.items():
+            rs.append(us[f"{how}, chain"] / us[f"{how}, full"])
+        print(f"repeat {r}: " + ", ".join(f"{name} {v:.1f} µs" for name, v in us.items()))
+    for how, rs in ratios.items():
         print(
-            f"{how}: chain / full at batch {args.batch_size}: median {np.median(ratios):.3f} "
-            f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.repeats} repeats of {args.runs} runs; "
-            f"load average now {os.getloadavg()[0]:.2f}"
+            f"{how}: chain / full median {np.median(rs):.3f} (min {min(rs):.3f}, max {max(rs):.3f}) "
+            f"over {args.repeats} repeats of {args.runs} runs"
         )
+    print(f"load average now {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,20 @@ from branchserve.training.analysis import (
     probe_auc,
     relative_change,
 )
-from branchserve.training.config import PRESETS, AnalysisSettings, ArchConfig, RegimeConfig, StudySpec, parse_grid
+from branchserve.training.config import (
+    PRESETS,
+    AnalysisSettings,
+    ArchConfig,
+    RegimeConfig,
+    StudySpec,
+    cell_name,
+    parse_cell,
+    parse_grid,
+)
 from branchserve.training.data import Dataset, Split
 from branchserve.training.report import study_table, write_analysis, write_study
 from branchserve.training.study import best_within, frontier, run_study
+from branchserve.training.study_stats import Interval, cell_stats
 from branchserve.training.train import train
 
 TINY = ArchConfig(
@@ -126,6 +136,27 @@ def test_parse_grid_and_reproducing_command() -> None:
         parse_grid(["colour=red"])
 
 
+def test_one_factor_at_a_time_cells_and_their_command() -> None:
+    spec = StudySpec(
+        vary=parse_grid(["weighting=equal,seed", "positions=0:1:2:7"]),
+        extra=[parse_cell(["weighting=seed", "schedule=joint"])],
+        fixed=parse_cell(["finetune-epochs=1"]),
+        epochs=3,
+        seeds=[0, 1, 2],
+    )
+    # weighting=equal is the preset's own value: the base cell already covers it
+    names = [cell_name(c) for c in spec.cells()]
+    assert names == ["base", "weighting-seed", "positions-0-1-2-7", "weighting-seed_schedule-joint"]
+    assert spec.config({}, 2).finetune_epochs == 1 and spec.config({}, 2).seed == 2
+    command = spec.command(Path("out"))
+    assert "--vary weighting=equal,seed positions=0:1:2:7 --cell weighting=seed schedule=joint" in command
+    assert "--set finetune_epochs=1" in command and "--seeds 0,1,2" in command
+    with pytest.raises(ValueError, match="one value per field"):
+        parse_cell(["weighting=equal,seed"])
+    with pytest.raises(ValueError, match="no cells"):
+        StudySpec()
+
+
 def synthetic(n: int, seed: int) -> Split:
     """Four classes of 12×12 images: a bright 4×4 patch in one quadrant, plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -167,38 +198,67 @@ def test_analyze_end_to_end(data: Dataset, tmp_path: Path) -> None:
     assert np.array(analysis.cross_cka).shape == (4, 4)
 
 
-def test_study_runs_every_cell_and_resumes_without_retraining(
+def test_study_runs_every_cell_per_seed_and_resumes_without_retraining(
     data: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = StudySpec(
-        grid={"weighting": ["equal", "decreasing"], "branches": [2], "batch_size": [50]},
+        vary={"weighting": ["equal", "decreasing"], "branches": [1]},
+        fixed={"branches": 2, "batch_size": 50},
         preset="joint",
         epochs=1,
+        seeds=[0, 1],
         train_limit=200,
         analysis=SETTINGS,
     )
+    assert [cell_name(c) for c in spec.cells()] == ["base", "weighting-decreasing", "branches-1"]
     finished: list[int] = []
     results = run_study(
         spec, data, tmp_path, base_arch=TINY, progress=False, after_cell=lambda done: finished.append(len(done))
     )
-    assert len(results) == 2 and finished == [1, 2]
+    assert len(results) == 6 and finished == [1, 2, 3, 4, 5, 6]
     for r in results:
-        assert len(r.test_accuracy) == 2 and r.final_accuracy == r.test_accuracy[-1]
+        assert (r.seed, r.config["seed"]) in ((0, 0), (1, 1))
+        assert len(r.test_accuracy) == r.config["branches"] and r.final_accuracy == r.test_accuracy[-1]
         assert 0 < r.probe_auc <= 1 and r.frontier[-1].cost == pytest.approx(1.0, abs=0.02)
         assert r.at_budget == best_within(r.frontier, spec.cost_budget)
-        training = json.loads((tmp_path / "cells" / r.name / "summary.json").read_text())["wall_time_s"]
-        assert r.wall_time_s > training  # the cell's time counts its scoring too
-    report = write_study(results, spec, tmp_path)
-    table = study_table(results, spec.cost_budget).splitlines()
-    assert table[0].startswith("| rank | weighting | branches | batch_size |") and table[0].endswith("| wall s |")
-    assert [row.split("|")[-2].strip() for row in table[2:]] == [f"{r.wall_time_s:.0f}" for r in results]
-    assert "\n".join(table) in report.read_text() and (tmp_path / "study.png").is_file()
+        run = tmp_path / "cells" / r.name / f"seed-{r.seed}"
+        assert r.wall_time_s > json.loads((run / "summary.json").read_text())["wall_time_s"]  # scoring counts too
+        # the unbranched twin of the same seed trains first, so every branched run is compared with it
+        assert (r.cka_to_unbranched is None) == (r.name == "branches-1")
+        assert r.cka_to_unbranched is None or all(0 < c <= 1 + 1e-9 for c in r.cka_to_unbranched)
+
+    stats = cell_stats(results, [cell_name(c) for c in spec.cells()])
+    assert [c.name for c in stats] == ["base", "weighting-decreasing", "branches-1"]
+    base, decreasing, plain = stats
+    assert base.seeds == [0, 1] and base.final.n == 2 and base.final_vs_base is None
+    finals = {(r.name, r.seed): r.final_accuracy for r in results}
+    paired = [finals["weighting-decreasing", s] - finals["base", s] for s in (0, 1)]
+    assert decreasing.final_vs_base is not None and decreasing.final_vs_base.mean == pytest.approx(np.mean(paired))
+    assert plain.r2_vs_unbranched is None and base.r2_vs_unbranched is not None and len(base.r2_vs_unbranched) == 4
+
+    report = write_study(results, spec, tmp_path).read_text()
+    table = study_table(stats, spec.cost_budget).splitlines()
+    assert table[0].startswith("| cell | seeds |") and table[2].startswith("| base | 0,1 |")
+    assert "\n".join(table) in report and (tmp_path / "study.png").is_file()
+    assert f"`{spec.command(tmp_path)}`" in report and "--seeds 0,1" in spec.command(tmp_path)
 
     def no_training(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a finished cell was trained again")
+        raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(study_module, "train", no_training)
     again = run_study(spec, data, tmp_path, base_arch=TINY, progress=False, after_cell=no_training)
     assert [r.model_dump() for r in again] == [r.model_dump() for r in results]
+    # more seeds and cells may be added to a study; --report-only reports the finished runs and trains nothing
+    grown = spec.model_copy(update={"seeds": [0, 1, 2], "extra": [{"weighting": "increasing"}]})
+    partial = run_study(grown, data, tmp_path, base_arch=TINY, progress=False, train_missing=False)
+    assert sorted((r.name, r.seed) for r in partial) == sorted((r.name, r.seed) for r in results)
     with pytest.raises(ValueError, match="other settings"):
         run_study(spec.model_copy(update={"epochs": 2}), data, tmp_path, base_arch=TINY, progress=False)
+
+
+def test_intervals() -> None:
+    one = Interval.of([0.5])
+    assert one.mean == 0.5 and np.isnan(one.half) and not one.excludes_zero()
+    three = Interval.of([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.303: ±2.48 spans zero
+    assert three.mean == pytest.approx(2.0) and three.half == pytest.approx(4.303 / np.sqrt(3))
+    assert not three.excludes_zero() and Interval.of([2.0, 2.1, 1.9]).excludes_zero()

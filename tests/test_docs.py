@@ -93,7 +93,9 @@ def test_branchserve_examples_parse(doc: str, line: str, capsys: pytest.CaptureF
 def test_bench_examples_name_real_scripts_and_flags(doc: str, line: str) -> None:
     argv = words(line)
     script = next(w for w in argv if w.startswith("bench/"))
-    usage = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run(
+        [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     for flag in (w for w in argv if w.startswith("--")):
         assert flag in usage, f"{doc}: {script} has no {flag}"
 

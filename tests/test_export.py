@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from branchserve.repo.frontier import (
     score,
     search,
 )
+from branchserve.repo.graphcalls import BoundChain
 from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import MANIFEST_FILE, Manifest
 from branchserve.repo.profiling import BoundGraphs, run_chain
@@ -68,11 +71,25 @@ def test_bound_runs_write_what_the_chain_and_full_graph_compute(version_dir: Pat
     graphs.time_chain()
     graphs.time_full()
     expected = run_chain(stages, x)
-    for k, outputs in enumerate(graphs.stage_outputs):
-        np.testing.assert_allclose(outputs[-1].numpy(), expected[k], atol=1e-5)
-    names = [o.name for o in full.get_outputs()]
+    for k, (spec, outputs) in enumerate(zip(manifest.stages, graphs.chain.outputs, strict=True)):
+        np.testing.assert_allclose(outputs[spec.logits_output], expected[k], atol=1e-5)
     for k, name in enumerate(manifest.full_graph.logits_outputs):
-        np.testing.assert_allclose(graphs.full_outputs[names.index(name)].numpy(), expected[k], atol=1e-4)
+        np.testing.assert_allclose(graphs.full.outputs[0][name], expected[k], atol=1e-4)
+
+
+def test_a_bound_call_keeps_its_buffers_alive(version_dir: Path, manifest: Manifest) -> None:
+    """onnxruntime writes into numpy memory it does not own: a call kept after its chain is gone
+    must still hold the buffers (else it writes into freed memory)."""
+    session = load_session(version_dir / manifest.full_graph.file)
+    x = np.random.default_rng(2).standard_normal((1, *manifest.input.shape)).astype(np.float32)
+    chain = BoundChain([session], x, [])
+    buffer = weakref.ref(chain.outputs[0][manifest.full_graph.logits_outputs[-1]])
+    call = chain.calls[0]
+    del chain
+    gc.collect()
+    assert buffer() is not None
+    call()
+    np.testing.assert_allclose(buffer(), full_graph_logits(version_dir, manifest, x)[-1], atol=1e-6)
 
 
 def test_graphs_pass_the_checker_with_a_dynamic_batch_axis(version_dir: Path, manifest: Manifest) -> None:

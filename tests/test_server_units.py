@@ -7,12 +7,14 @@ import argparse
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from branchserve.repo.confidence import confidence, exit_confidence, softmax
 from branchserve.repo.frontier import expected_cost
 from branchserve.repo.loading import load_repository
 from branchserve.repo.manifest import Manifest
@@ -95,6 +97,37 @@ def test_shrinking_batch_answers_as_single_inputs_do(runtime: ModelRuntime, inpu
         single = runtime.run(x[None], thresholds, max_exit=n - 1)
         assert single.exits[0] == batch.exits[i]
         np.testing.assert_allclose(single.probs[0], batch.probs[i], atol=1e-5)
+
+
+def test_exit_confidence_is_the_confidence_of_the_softmax_bit_for_bit() -> None:
+    """The server scores logits without the full softmax; a threshold must mean what calibration meant."""
+    logits = (np.random.default_rng(3).standard_normal((4000, 10)) * 6).astype(np.float32)
+    logits[:5] = [0.0] * 10  # ties at the top
+    for kind in ("max_softmax", "entropy", "margin"):
+        np.testing.assert_array_equal(exit_confidence(logits, kind), confidence(softmax(logits), kind))
+
+
+def test_batch_one_runs_bound_in_every_thread_and_answers_as_the_graphs_do(
+    runtime: ModelRuntime, inputs: np.ndarray
+) -> None:
+    """Batch 1 runs on each thread's own bound buffers; the answers (copied out of them) are exactly
+    what the stage graphs return with numpy out, however many threads run at once."""
+    n = runtime.num_exits
+    never = [2.0] * (n - 1) + [0.0]
+
+    def graphs(x: np.ndarray) -> np.ndarray:
+        h: np.ndarray | None = x[None]
+        for stage in runtime.stages:
+            logits, h = stage(h)
+        return logits
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda x: runtime.run(x[None], never, n - 1), np.repeat(inputs, 4, axis=0)))
+    for x, outcome in zip(np.repeat(inputs, 4, axis=0), outcomes, strict=True):
+        expected = graphs(x)
+        np.testing.assert_array_equal(outcome.logits, expected)
+        np.testing.assert_array_equal(outcome.probs, softmax(expected))
+        assert outcome.exits.tolist() == [n - 1] and len(outcome.scored) == n
 
 
 def test_max_exit_and_deadline(runtime: ModelRuntime, inputs: np.ndarray) -> None:

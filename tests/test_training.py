@@ -394,12 +394,14 @@ def test_quick_keeps_every_preset_valid_and_flags_still_win() -> None:
 def test_quick_trial_is_limited_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "try"
     flags = ["--train-limit", "256", "--eval-limit", "100", "--batch-size", "64", "--widths", "8,8,8,8,8,8,8,8"]
-    main(["train", "--quick", *flags, "--out", str(out)])
+    main(["train", "--quick", *flags, "--head-conv-width", "0", "--out", str(out)])
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     assert (printed["train_limit"], printed["eval_limit"]) == (256, 100)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["data"]["train_limit"], summary["data"]["eval_limit"]) == (256, 100)
     assert (summary["data"]["val"], summary["data"]["test"]) == (10_000, 10_000)  # the splits, whole
+    # heads without their 1×1 conv: pooling to 4×4 and one linear layer, 8·16 features → 10 classes
+    assert summary["arch"]["head_conv_width"] == 0 and {s["head_macs"] for s in summary["stage_macs"]} == {1280}
     assert [(p["name"], p["epochs"]) for p in summary["phases"]] == [("joint", 2), ("finetune", 1)]
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     for accuracy in summary["val_accuracy"] + summary["test_accuracy"]:

@@ -54,5 +54,18 @@ MEASURES: dict[ConfidenceKind, Measure] = {
 }
 
 
+def exit_confidence(
+    logits: npt.NDArray[FloatT], kind: ConfidenceKind = "max_softmax"
+) -> npt.NDArray[FloatT] | Float64Array:
+    """`confidence(softmax(logits), kind)`, bit for bit, without the full softmax where a measure
+    needs less: the top probability is exp(0)/Σexp(z − max) = 1/Σexp(z − max), one division per
+    row instead of one per class. What the server computes at every stage for every input."""
+    if kind != "max_softmax":
+        return confidence(softmax(logits), kind)
+    e: npt.NDArray[FloatT] = np.exp(logits - logits.max(axis=1, keepdims=True))
+    top: npt.NDArray[FloatT] = 1.0 / e.sum(axis=1)
+    return top
+
+
 def confidence(probs: npt.NDArray[FloatT], kind: ConfidenceKind = "max_softmax") -> npt.NDArray[FloatT] | Float64Array:
     return MEASURES[kind](probs)

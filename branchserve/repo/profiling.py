@@ -8,10 +8,11 @@ warm, as a server running the same graphs request after request sees them. (Alte
 run made each graph start with the other's weights evicted from L2: both ran ~10 % slower and the
 chain lost more: 1.058 against 1.051 times the full graph in one process, fmnist-resnet/2.)
 
-Graphs are timed through IOBindings into buffers allocated once (`BoundGraphs`): a plain
-`session.run` allocates its outputs and hands them back as new numpy arrays on every call, which
-costs up to ~35 µs per call at batch 1: the shipped four-stage chain is 1.09× the full graph that
-way against 1.04× bound (bench/staged_vs_full.py shows both).
+Graphs are timed through the calls the server makes (`repo/graphcalls.py`): bound to buffers
+allocated once at batch 1 (`BoundGraphs`), onnxruntime's C binding with numpy out at larger
+batches (`CalledGraphs`). A plain `session.run` (`PlainGraphs`, for comparison) adds the
+wrapper's checks and allocates its outputs on every call: the shipped four-stage chain is ~1.06–1.09×
+the full graph that way against ~1.03–1.04× bound (bench/staged_vs_full.py shows both).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
@@ -28,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from branchserve.repo.graphcalls import BoundChain, graph_call
 from branchserve.repo.manifest import CostProfile, StageLatency
 from branchserve.repo.sessions import RUN_OPTIONS, load_session
 from branchserve.repo.tensors import Float64Array, FloatArray
@@ -90,55 +92,35 @@ class TimedGraphs:
         return time.perf_counter_ns() - t0
 
 
-def _binding_call(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], None]:
-    """One bound run, straight into onnxruntime's C binding (`InferenceSession._sess`).
-
-    The Python wrapper's `run_with_iobinding` first checks for WebGPU graph capture: two more
-    binding calls and, given run options, a config lookup; 3–8 µs per call on this host, three
-    more times in a four-stage chain than in the full graph, and a cost of the wrapper rather than
-    of the graphs. (With `RunOptions` lacking a `gpu_graph_id` entry, onnxruntime 1.32's lookup
-    raises and catches a C++ exception: ~90 µs per call.)
-    """
-    c_session, c_binding = session._sess, binding._iobinding
-    return lambda: c_session.run_with_iobinding(c_binding, RUN_OPTIONS)
-
-
 class BoundGraphs(TimedGraphs):
     """The chain of stage graphs and the full graph bound to buffers allocated once for one input
-    batch; each stage's boundary output buffer is the next stage's input, so nothing is copied
-    between stages. Not thread-safe: one per thread."""
+    batch, as the server runs batch 1. Not thread-safe: one per thread."""
 
     def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: FloatArray) -> None:
-        self._keep: list[FloatArray] = []  # buffers the OrtValues point into
-        self.stages, self.full = list(stages), full
-        feed = first = self._value(np.ascontiguousarray(x))
-        self.stage_calls, self.stage_outputs = [], []
-        for session in self.stages:
-            binding, outputs = self._bind(session, feed)
-            self.stage_calls.append(_binding_call(session, binding))
-            self.stage_outputs.append(outputs)
-            feed = outputs[0]
-        binding, self.full_outputs = self._bind(full, first)
-        self.full_call = _binding_call(full, binding)
-
-    def _value(self, array: FloatArray) -> ort.OrtValue:
-        self._keep.append(array)
-        return ort.OrtValue.ortvalue_from_numpy(array)
-
-    def _bind(self, session: ort.InferenceSession, feed: ort.OrtValue) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
-        shapes = cast(list[FloatArray], session.run(None, {session.get_inputs()[0].name: feed.numpy()}, RUN_OPTIONS))
-        binding = session.io_binding()
-        binding.bind_ortvalue_input(session.get_inputs()[0].name, feed)
-        outputs = [self._value(np.full_like(a, np.nan)) for a in shapes]  # NaN until a run writes them
-        for meta, value in zip(session.get_outputs(), outputs, strict=True):
-            binding.bind_ortvalue_output(meta.name, value)
-        return binding, outputs
+        self.stages = list(stages)
+        self.chain = BoundChain(self.stages, x, [s.get_outputs()[0].name for s in self.stages[:-1]])
+        self.full = BoundChain([full], x, [])
 
     def run_stage(self, k: int) -> None:
-        self.stage_calls[k]()
+        self.chain.calls[k]()
 
     def run_full(self) -> None:
-        self.full_call()
+        self.full.calls[0]()
+
+
+class CalledGraphs(TimedGraphs):
+    """The same timings through the C binding with numpy in and out, as the server runs a batch."""
+
+    def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: FloatArray) -> None:
+        self.stages, self.x, self.h = list(stages), x, x
+        self.names = [s.get_inputs()[0].name for s in self.stages]
+        self.calls = [graph_call(s, [o.name for o in s.get_outputs()]) for s in [*self.stages, full]]
+
+    def run_stage(self, k: int) -> None:
+        self.h = self.calls[k](self.names[k], self.x if k == 0 else self.h)[0]
+
+    def run_full(self) -> None:
+        self.calls[-1](self.names[0], self.x)
 
 
 class PlainGraphs(TimedGraphs):
@@ -169,7 +151,8 @@ def measure(
 
     Batch 1 gets `runs` timed runs; larger batches proportionally fewer (at least 50), each after
     a tenth as many warm-up runs; chain and full graph take turns in blocks of `BLOCK` runs at
-    batch 1 (fewer at larger batches). `plain` times `session.run` instead of bound buffers.
+    batch 1 (fewer at larger batches). Graphs run as the server runs them (bound at batch 1, the C
+    binding at larger batches); `plain` times `session.run` instead.
 
     A stage's figure is what it adds to the median time to reach its exit (the median of the
     chain's running totals), so the stages add up to the chain's median and price operating points
@@ -185,7 +168,7 @@ def measure(
     rows = []
     for batch in batch_sizes:
         x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
-        graphs = (PlainGraphs if plain else BoundGraphs)(stages, full, x)
+        graphs = (PlainGraphs if plain else BoundGraphs if batch == 1 else CalledGraphs)(stages, full, x)
         chain_ns: list[list[int]] = []
         full_ns: list[int] = []
         warmup, total = counts[batch] // 10, counts[batch] + counts[batch] // 10

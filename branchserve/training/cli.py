@@ -37,6 +37,7 @@ from branchserve.training.config import (
     Weighting,
     arch_for,
     comma_list,
+    parse_cell,
     parse_grid,
 )
 
@@ -152,10 +153,15 @@ def _train(args: argparse.Namespace) -> None:
     try:
         data = load_data(source, workers=args.workers)
         print(f"input: {describe_input(data.input)}", file=sys.stderr)
+        base = None
+        if args.head_conv_width is not None:  # the data's shape, with the heads asked for
+            channels, size, _ = data.input.shape
+            base = ArchConfig(channels, size, len(data.labels), head_conv_width=args.head_conv_width).scaled()
         summary = train(
             cfg,
             data,
             args.out,
+            base,
             widths=widths,
             resume=args.resume,
             threads=args.threads,
@@ -287,6 +293,14 @@ def _register_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "blocked layout on AVX-512 CPUs, which computes 24 channels as 32",
     )
     _backbone_flags(t)
+    t.add_argument(
+        "--head-conv-width",
+        type=int,
+        choices=range(0, 1025),
+        metavar="N",
+        help=f"channels of the 1×1 conv that opens each exit head; 0 for none: pooling and one linear layer, "
+        f"cheaper at 14×14 exits (default {ArchConfig().head_conv_width})",
+    )
     _regime_flag(t, "branches", type=int)
     _regime_flag(
         t, "positions", what="'equidistant', or the block after each exit such as 2,5,7, which also sets --branches"
@@ -436,9 +450,16 @@ def _study(args: argparse.Namespace) -> None:
     analysis_defaults = StudySpec.model_fields["analysis"].default.model_dump()
     try:
         analysis = AnalysisSettings(**{**analysis_defaults, **given(args, AnalysisSettings)})
-        spec = StudySpec(**{**given(args, StudySpec), "grid": parse_grid(args.grid), "analysis": analysis})
+        cells = {
+            "grid": parse_grid(args.grid) if args.grid else {},
+            "vary": parse_grid(args.vary) if args.vary else {},
+            "extra": [parse_cell(c) for c in args.cell or []],
+            "fixed": parse_cell(args.set) if args.set else {},
+        }
+        spec = StudySpec(**{**given(args, StudySpec), **cells, "analysis": analysis})
         for cell in spec.cells():  # every cell's regime, before the first one trains
-            spec.config(cell)
+            for seed in spec.seeds:
+                spec.config(cell, seed)
     except ValidationError as e:
         fail("study", validation_message(e))
     except ValueError as e:
@@ -452,7 +473,12 @@ def _study(args: argparse.Namespace) -> None:
         data = load_data(data_source(args, split_seed=0), workers=args.workers)
         data = replace(data, val=data.val.loaded(), test=data.test.loaded())  # scored whole, and often
         results = run_study(
-            spec, data, args.out, threads=args.threads, after_cell=lambda done: write_study(done, spec, args.out)
+            spec,
+            data,
+            args.out,
+            threads=args.threads,
+            after_cell=lambda done: write_study(done, spec, args.out),
+            train_missing=not args.report_only,
         )
     except (DataError, ValueError) as e:
         fail("study", e)
@@ -482,21 +508,45 @@ def _register_analysis(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _analysis_flags(a, AnalysisSettings())
     a.set_defaults(func=_analyze)
 
-    s = sub.add_parser("study", help="train and score a grid of training regimes (resumable)")
+    s = sub.add_parser("study", help="train and score training regimes over seeds (resumable)")
     s.add_argument(
         "--grid",
         nargs="+",
-        required=True,
         metavar="KEY=V1,V2",
-        help="one axis per regime field, e.g. weighting=equal,seed schedule=joint,joint+finetune; "
-        "list values join numbers with ':', e.g. positions=equidistant,1:3:5:7",
+        help="axes to cross, one per regime field, e.g. weighting=equal,seed schedule=joint,joint+finetune; "
+        "list values join numbers with ':', e.g. positions=equidistant,1:3:5:7 (default none)",
+    )
+    s.add_argument(
+        "--vary",
+        nargs="+",
+        metavar="KEY=V1,V2",
+        help="axes to try one at a time around the preset: the preset's own cell, then each value alone (default none)",
+    )
+    s.add_argument(
+        "--cell",
+        nargs="+",
+        action="append",
+        metavar="KEY=V",
+        help="one more cell, e.g. --cell weighting=decreasing schedule=joint; repeat for more (default none)",
+    )
+    s.add_argument(
+        "--set",
+        nargs="+",
+        metavar="KEY=V",
+        help="regime fields every cell shares, e.g. finetune-epochs=1 (default none)",
     )
     spec = StudySpec.model_fields
     s.add_argument(
         "--preset", choices=get_args(Preset), help=f"{spec['preset'].description} (default {DEFAULT_PRESET})"
     )
-    for name, kind in (("epochs", int), ("seed", int), ("cost_budget", float)):
+    for name, kind in (("epochs", int), ("cost_budget", float)):
         _field_flag(s, StudySpec, name, spec[name].default, type=kind)
+    s.add_argument("--seeds", type=_ints, help="every cell is trained once per seed, e.g. 0,1,2 (default 0)")
+    s.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report of the runs already finished (default off)",
+    )
     _field_flag(s, StudySpec, "train_limit", "all", type=_count)
     _analysis_flags(s, spec["analysis"].default)
     s.set_defaults(func=_study)

@@ -261,34 +261,63 @@ GridValue = str | int | float | list[int] | list[float]
 
 
 class StudySpec(BaseModel):
-    """Everything that decides a study's numbers; a rerun into the same folder must match it."""
+    """Everything that decides a study's numbers; a rerun into the same folder must match it.
 
-    grid: dict[str, list[GridValue]] = Field(description="values of each regime field to cross")
+    Cells come from three places, in this order and without repeats: the product of `grid`'s axes;
+    with `vary`, the base regime itself and then each value of each axis alone (one factor at a
+    time); and `extra`, cells named in full. Every cell is trained once per seed in `seeds`.
+    """
+
+    grid: dict[str, list[GridValue]] = Field({}, description="values of each regime field to cross")
+    vary: dict[str, list[GridValue]] = Field({}, description="values of each regime field to try one at a time")
+    extra: list[dict[str, GridValue]] = Field([], description="further cells, each a set of regime fields")
+    fixed: dict[str, GridValue] = Field({}, description="regime fields every cell shares, over the preset's")
     preset: Preset = Field(DEFAULT_PRESET, description="regime every cell starts from")
     epochs: int = Field(6, ge=1, description="epoch budget of every cell")
-    seed: int = Field(0, description="seed of every cell")
+    seeds: list[int] = Field([0], min_length=1, description="every cell is trained once per seed")
     train_limit: int | None = Field(None, ge=1, description="train every cell on the first N training images")
     cost_budget: float = Field(0.5, gt=0, description="expected-cost budget as a share of the unbranched model's MACs")
     analysis: AnalysisSettings = AnalysisSettings(probe_train=2500, probe_test=2500)
 
+    @model_validator(mode="after")
+    def _some_cells(self) -> StudySpec:
+        if not (self.grid or self.vary or self.extra):
+            raise ValueError("the study has no cells: give --grid, --vary or --cell")
+        return self
+
     def cells(self) -> list[dict[str, GridValue]]:
         keys = list(self.grid)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+        crossed = [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+        base = self.config({}, self.seeds[0]) if self.vary else None
+        changes = [{k: v} for k, vs in self.vary.items() for v in vs]
+        one_at_a_time = [{}, *(c for c in changes if self.config(c, self.seeds[0]) != base)] if self.vary else []
+        unique: dict[str, dict[str, GridValue]] = {}
+        for cell in [*(crossed if self.grid else []), *one_at_a_time, *self.extra]:
+            unique.setdefault(cell_name(cell), cell)
+        return list(unique.values())
 
     def command(self, out: Path) -> str:
         """The `branchserve study` command line that reproduces this study."""
-        grid = " ".join(f"{k}={','.join(_show(v, ':') for v in vs)}" for k, vs in self.grid.items())
         a = self.analysis
         return (
-            f"branchserve study --grid {grid} --preset {self.preset} --epochs {self.epochs} --seed {self.seed}"
+            "branchserve study"
+            + (f" --grid {_axes(self.grid)}" if self.grid else "")
+            + (f" --vary {_axes(self.vary)}" if self.vary else "")
+            + "".join(f" --cell {_axes({k: [v] for k, v in c.items()})}" for c in self.extra)
+            + (f" --set {_axes({k: [v] for k, v in self.fixed.items()})}" if self.fixed else "")
+            + f" --preset {self.preset} --epochs {self.epochs} --seeds {','.join(map(str, self.seeds))}"
             + (f" --train-limit {self.train_limit}" if self.train_limit else "")
             + f" --cost-budget {self.cost_budget:g} --probe-train {a.probe_train} --probe-test {a.probe_test}"
             + (f" --pool {a.pool}" if a.pool != 1 else "")
             + f" --out {out}"
         )
 
-    def config(self, cell: dict[str, GridValue]) -> RegimeConfig:
-        return RegimeConfig(**{**PRESETS[self.preset], "epochs": self.epochs, "seed": self.seed, **cell})
+    def config(self, cell: dict[str, GridValue], seed: int) -> RegimeConfig:
+        return RegimeConfig(**{**PRESETS[self.preset], "epochs": self.epochs, **self.fixed, "seed": seed, **cell})
+
+
+def _axes(axes: dict[str, list[GridValue]]) -> str:
+    return " ".join(f"{k}={','.join(_show(v, ':') for v in vs)}" for k, vs in axes.items())
 
 
 def parse_grid(items: list[str]) -> dict[str, list[GridValue]]:
@@ -307,6 +336,15 @@ def parse_grid(items: list[str]) -> dict[str, list[GridValue]]:
     return grid
 
 
+def parse_cell(items: list[str]) -> dict[str, GridValue]:
+    """`key=value` per regime field, one value each: a cell, or the fields every cell shares."""
+    axes = parse_grid(items)
+    several = [k for k, vs in axes.items() if len(vs) != 1]
+    if several:
+        raise ValueError(f"one value per field here, got several for {', '.join(several)}")
+    return {k: vs[0] for k, vs in axes.items()}
+
+
 def _value(text: str) -> GridValue:
     if ":" in text:
         numbers = [float(v) for v in text.split(":")]
@@ -320,8 +358,8 @@ def _value(text: str) -> GridValue:
 
 
 def cell_name(cell: dict[str, GridValue]) -> str:
-    """A folder-safe name: weighting-equal_schedule-joint."""
-    return "_".join(f"{k}-{_show(v, '-')}" for k, v in cell.items())
+    """A folder-safe name: weighting-equal_schedule-joint; the base regime itself is `base`."""
+    return "_".join(f"{k}-{_show(v, '-')}" for k, v in cell.items()) or "base"
 
 
 def _show(v: GridValue, sep: str) -> str:

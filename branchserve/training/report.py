@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from branchserve.training.analysis import Analysis, ModelAnalysis, relative_change
-from branchserve.training.config import StudySpec
+from branchserve.training.config import StudySpec, cell_name
 from branchserve.training.study import CellResult
+from branchserve.training.study_stats import CellStats, Interval, cell_stats
 
 DPI = 90
 
@@ -166,72 +167,125 @@ def write_analysis(analysis: Analysis, out: Path) -> Path:
     return report
 
 
-def plot_study(results: list[CellResult], budget: float, path: Path) -> None:
-    """Test accuracy against expected cost for every cell; per-exit test accuracy; probe accuracy by depth."""
+def _iv(x: Interval | None, scale: float = 100.0, digits: int = 2, sign: str = "") -> str:
+    """`mean ± half` (95 % t-interval), `*` when a difference's interval excludes zero."""
+    if x is None or math.isnan(x.mean):
+        return "–"
+    text = f"{scale * x.mean:{sign}.{digits}f}"
+    if math.isnan(x.half):
+        return text
+    return f"{text} ± {scale * x.half:.{digits}f}" + ("*" if sign and x.excludes_zero() else "")
+
+
+def plot_study(stats: list[CellStats], path: Path) -> None:
+    """Per cell, means over seeds: test accuracy per exit, probe accuracy and class separation by block."""
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
-    for r in results:
-        points = sorted(r.frontier, key=lambda p: p.cost)
-        line = axes[0].plot([p.cost for p in points], [p.accuracy for p in points], ".-", lw=1.2, label=r.name)[0]
-        if r.at_budget is not None:
-            axes[0].plot([r.at_budget.cost], [r.at_budget.accuracy], "o", ms=8, mfc="none", color=line.get_color())
-        axes[1].plot(range(len(r.test_accuracy)), r.test_accuracy, "o-", color=line.get_color())
-        layers = r.analysis.layers
-        axes[2].plot([x.block for x in layers], [x.probe_accuracy for x in layers], ".-", color=line.get_color())
-    axes[0].axvline(budget, color="0.6", ls="--", lw=0.8)
-    axes[0].set(title="early-exit frontier (test)", xlabel="expected cost / unbranched cost", ylabel="accuracy")
-    axes[1].set(title="test accuracy per exit", xlabel="exit", ylabel="accuracy")
-    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[2].set(title="linear-probe accuracy", xlabel="backbone block", ylabel="accuracy")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(results), 3), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(results) / 3), 1, 1))
+    for c in stats:
+        style = "s--" if len(c.exits) == 1 else ".-"
+        label = f"{c.name} ({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''})"
+        line = axes[0].plot(c.exits, [a.mean for a in c.test_accuracy], style, label=label)[0]
+        axes[1].plot(range(len(c.probe)), [a.mean for a in c.probe], style, color=line.get_color())
+        axes[2].plot(range(len(c.r2)), [a.mean for a in c.r2], style, color=line.get_color())
+    axes[0].set(title="test accuracy per exit", xlabel="block the exit follows", ylabel="accuracy")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set(title="linear-probe accuracy", xlabel="backbone block", ylabel="accuracy")
+    axes[2].set(title="class separation R²", xlabel="backbone block", ylabel="R²")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(stats), 4), fontsize=7)
+    fig.tight_layout(rect=(0, 0.05 * math.ceil(len(stats) / 4), 1, 1))
     fig.savefig(path, dpi=DPI)
 
 
-def study_table(results: list[CellResult], budget: float) -> str:
-    keys = list(results[0].cell) if results else []
+def study_table(stats: list[CellStats], budget: float) -> str:
     rows = [
         [
-            str(i),
-            *(str(r.cell[k]) for k in keys),
-            " / ".join(_pct(a) for a in r.test_accuracy),
-            _pct(r.final_accuracy),
-            "–" if r.at_budget is None else f"{_pct(r.at_budget.accuracy)} ({r.at_budget.cost:.2f})",
-            f"{r.probe_auc:.4f}",
-            f"{r.wall_time_s:.0f}",
+            c.name,
+            ",".join(map(str, c.seeds)),
+            " / ".join(_pct(a.mean) for a in c.test_accuracy),
+            _iv(c.final),
+            _iv(c.final_vs_base, sign="+"),
+            "–" if c.at_budget is None else f"{_iv(c.at_budget)} ({_iv(c.budget_cost, 1.0)})",
+            _iv(c.at_budget_vs_base, sign="+"),
+            _iv(c.probe_auc, digits=1),
+            f"{c.wall_time_s.mean / 60:.1f}",
         ]
-        for i, r in enumerate(results, 1)
+        for c in stats
     ]
     header = [
-        "rank",
-        *keys,
-        "test acc. per exit (%)",
+        "cell",
+        "seeds",
+        "test acc. per exit (%, mean)",
         "final exit (%)",
-        f"acc. at cost ≤ {budget:g} (cost)",
-        "probe AUC",
-        "wall s",
+        "Δ final vs base (pp)",
+        f"acc. at cost ≤ {budget:g} (%) (cost)",
+        "Δ at budget vs base (pp)",
+        "probe AUC (%)",
+        "min per run",
     ]
     return _table(header, rows)
 
 
+def separation_table(stats: list[CellStats]) -> str:
+    """Per branched cell and block: relative change of R² and of probe accuracy against the unbranched
+    twin of the same seed, and CKA of the block with the twin's."""
+    compared = [c for c in stats if c.r2_vs_unbranched]
+    if not compared:
+        return "No unbranched cell finished yet: nothing to compare with."
+    blocks = range(len(compared[0].r2))
+    rows = [
+        [
+            c.name,
+            what,
+            *(
+                _iv(
+                    values[b],
+                    digits=0 if what != "CKA" else 2,
+                    scale=100 if what != "CKA" else 1,
+                    sign="+" if what != "CKA" else "",
+                )
+                for b in blocks
+            ),
+        ]
+        for c in compared
+        for what, values in (
+            ("Δ R² %", c.r2_vs_unbranched),
+            ("Δ probe %", c.probe_vs_unbranched),
+            ("CKA", c.cka_to_unbranched),
+        )
+        if values
+    ]
+    return _table(["cell", "metric", *(f"block {b}" for b in blocks)], rows)
+
+
 def study_markdown(results: list[CellResult], spec: StudySpec, out: Path) -> str:
     a = spec.analysis
+    stats = cell_stats(results, [cell_name(c) for c in spec.cells()])
     lines = [
         "# Regime study",
         "",
         f"Reproduce: `{spec.command(out)}`",
         "",
-        f"Base preset `{spec.preset}`, {spec.epochs} epochs per cell, seed {spec.seed}, "
+        f"Base preset `{spec.preset}`"
+        + (f" with {', '.join(f'{k}={v}' for k, v in spec.fixed.items())}" if spec.fixed else "")
+        + f", {spec.epochs} epochs per run, seeds {', '.join(map(str, spec.seeds))}, "
         + (f"trained on the first {spec.train_limit} training images." if spec.train_limit else "full training split.")
-        + " Cells are ranked by test accuracy of early exiting at an expected cost of at most "
-        f"{spec.cost_budget:g} × the unbranched model's MACs: the frontier is searched on validation with "
-        "`branchserve.repo.frontier.search` (the search export uses), the most accurate point whose validation cost fits "
-        "the budget is chosen, and it is scored on test (the realised test cost in brackets). "
-        f"Probe AUC: area under linear-probe accuracy against normalised depth, probes trained on {a.probe_train} "
-        f"and scored on {a.probe_test} validation images. Wall s: seconds a cell took to train (its epochs) "
-        "and to score (probes and frontier).",
+        + " Figures are means over the seeds finished (column `seeds`) ± the half-width of a 95 % t-interval; "
+        "Δ columns are paired by seed against the `base` cell (the preset itself), `*` where the interval "
+        "excludes zero. Accuracy at a cost budget: the early-exit frontier is searched on validation with "
+        "`branchserve.repo.frontier.search` (the search export uses), the most accurate point whose validation "
+        f"cost is at most {spec.cost_budget:g} × the unbranched model's MACs is chosen, and it is scored on test "
+        "(the realised test cost in brackets). Probe AUC: area under linear-probe accuracy against normalised "
+        f"depth, probes trained on {a.probe_train} and scored on {a.probe_test} validation images. "
+        "Min per run: training epochs plus scoring.",
         "",
-        study_table(results, spec.cost_budget),
+        study_table(stats, spec.cost_budget),
+        "",
+        "## Against the unbranched twin, block by block",
+        "",
+        "Relative change (a − b) / b of class separation R² and of linear-probe accuracy against the "
+        "unbranched cell of the same seed, and linear CKA of each block with the twin's same block.",
+        "",
+        separation_table(stats),
         "",
         "![study](study.png)",
         "",
@@ -240,7 +294,7 @@ def study_markdown(results: list[CellResult], spec: StudySpec, out: Path) -> str
 
 
 def write_study(results: list[CellResult], spec: StudySpec, out: Path) -> Path:
-    plot_study(results, spec.cost_budget, out / "study.png")
+    plot_study(cell_stats(results, [cell_name(c) for c in spec.cells()]), out / "study.png")
     report = out / "study.md"
     report.write_text(study_markdown(results, spec, out))
     return report
