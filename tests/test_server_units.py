@@ -21,8 +21,6 @@ from branchserve.server.budget import Budget
 from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
 from branchserve.server.errors import RequestError
-from branchserve.server.metrics import Metrics
-from branchserve.server.predictor import PredictRequest, ServedModel
 from branchserve.server.runtime import ModelRuntime, StageClock
 from branchserve.server.settings import Settings
 
@@ -117,21 +115,6 @@ def test_stage_clock_follows_slowdowns() -> None:
     tail = clock.tail[0]
     clock.observe(0, 1, 0.02)  # one stall nudges the tail quantile; only frequent stalls move it far
     assert tail < clock.tail[0] < 1.1 * tail
-
-
-def test_load_point_under_load(runtime: ModelRuntime, inputs: np.ndarray) -> None:
-    served = ServedModel(runtime, Policy(max_accuracy_drop=0), degrade_drop=0.05, metrics=Metrics())
-
-    def request(budget: Budget) -> PredictRequest:
-        return PredictRequest(lambda: inputs, budget, probabilities=False, light=False)
-
-    calm = served.predict(request(Budget()), time.perf_counter(), loaded=False)
-    loaded = served.predict(request(Budget()), time.perf_counter(), loaded=True)
-    assert calm.source == "server" and loaded.source == "load"
-    assert loaded.choice == served.load_point and calm.choice == served.choice
-    assert served.load_point.point.expected_macs < served.choice.point.expected_macs
-    own = served.predict(request(Budget(max_accuracy_drop=0)), time.perf_counter(), loaded=True)
-    assert own.source == "request"  # a request's own target wins
 
 
 @pytest.mark.parametrize(

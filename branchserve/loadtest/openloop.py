@@ -28,11 +28,14 @@ from branchserve.loadtest.samples import sample_pngs
 
 @dataclass
 class Outcome:
-    """Every request of a run: its scheduled time, latency from that time, and HTTP status (0: no answer)."""
+    """Every request of a run: its scheduled time, latency from that time, HTTP status (0: no answer), which
+    of the requests it was, and with `keep_bodies` the response body."""
 
     scheduled: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
+    request: list[int] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
     retry_after: int = 0  # 503s that carried Retry-After
 
     def summary(self, rate: float, duration_s: float) -> dict[str, object]:
@@ -62,8 +65,8 @@ def request_bytes(host: str, path: str, body: bytes, content_type: str) -> bytes
     return head.encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, whether it carried Retry-After); reads and discards the body."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """(status, whether it carried Retry-After, body)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
@@ -75,12 +78,17 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             length = int(value)
         elif name == b"retry-after":
             retry = True
-    await reader.readexactly(length)
-    return status, retry
+    return status, retry, await reader.readexactly(length)
 
 
 async def run(
-    host: str, port: int, requests: Sequence[bytes], rate: float, duration_s: float, connections: int
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    duration_s: float,
+    connections: int,
+    keep_bodies: bool = False,
 ) -> Outcome:
     """Send `rate` requests/s for `duration_s`, cycling through `requests`, on up to `connections` connections."""
     out = Outcome()
@@ -88,12 +96,12 @@ async def run(
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection(host, port))
 
-    async def one(at: float, body: bytes) -> None:
+    async def one(at: float, index: int) -> None:
         reader, writer = await idle.get()
-        status, retry = 0, False
+        status, retry, answer = 0, False, b""
         try:
-            writer.write(body)
-            status, retry = await read_response(reader)
+            writer.write(requests[index])
+            status, retry, answer = await read_response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.close()
             reader, writer = await asyncio.open_connection(host, port)
@@ -102,6 +110,9 @@ async def run(
         out.scheduled.append(at)
         out.latency_ms.append((time.perf_counter() - at) * 1e3)
         out.status.append(status)
+        out.request.append(index)
+        if keep_bodies:
+            out.bodies.append(answer)
         out.retry_after += retry
 
     start = time.perf_counter() + 0.05
@@ -111,7 +122,7 @@ async def run(
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(at, requests[i % len(requests)])))
+        tasks.append(asyncio.create_task(one(at, i % len(requests))))
     await asyncio.gather(*tasks)
     while not idle.empty():
         _, writer = idle.get_nowait()

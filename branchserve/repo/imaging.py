@@ -6,6 +6,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from branchserve.repo.manifest import InputSpec
@@ -44,7 +45,7 @@ def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> Image
 
 def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
     """Convert colour mode, resize to the input size, scale and normalise; returns (C, H, W) float32."""
-    channels, height, width = spec.shape
+    _, height, width = spec.shape
     try:
         img.load()
     except DECODE_ERRORS as e:
@@ -59,6 +60,14 @@ def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
             img = img.resize((width, height), Image.Resampling.BILINEAR)
     except DECODE_ERRORS as e:
         raise ImageError(f"cannot convert a {img.mode} image to {spec.color_mode}: {e}") from None
-    arr = np.asarray(img, dtype=np.float32) * spec.scale
-    arr = (arr - spec.mean) / spec.std
-    return arr.reshape(height, width, channels).transpose(2, 0, 1).copy()
+    one: FloatArray = normalise(np.asarray(img)[None], spec)[0]
+    return one
+
+
+def normalise(pixels: npt.NDArray[np.uint8], spec: InputSpec) -> FloatArray:
+    """Pixels (N, H, W) or (N, H, W, C) of the input's size → inputs (N, C, H, W): scale, then (x − mean) / std."""
+    channels, height, width = spec.shape
+    x = np.asarray(pixels, dtype=np.float32) * spec.scale
+    x = (x - spec.mean) / spec.std
+    inputs: FloatArray = x.reshape(len(x), height, width, channels).transpose(0, 3, 1, 2).copy()
+    return inputs

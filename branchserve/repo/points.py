@@ -3,6 +3,8 @@
 The frontier was searched on validation data at export, so every choice here compares
 validation accuracy (test accuracy is for reporting only) and ranks cost by expected MACs,
 except a latency budget, which prices each point with stage latencies measured on this host.
+A target with a `risk` is certified instead (branchserve/repo/certify.py): the choice then
+carries the guarantee a response states.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from branchserve.repo.certify import FULL_DEPTH, Guarantee, cheapest_certified, is_full_depth
 from branchserve.repo.frontier import cheapest_within, expected_cost
 from branchserve.repo.manifest import Manifest, OperatingPoint
 
@@ -25,8 +28,15 @@ class Policy(BaseModel):
     )
 
     point: str | None = Field(None, description="a frontier point by name")
+    max_disagreement: float | None = Field(
+        None, ge=0, le=1, description="certified: the cheapest point whose disagreement with the final exit is ≤ this"
+    )
     max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="largest drop below the final exit's accuracy: the cheapest point that meets it"
+        None,
+        ge=0,
+        le=1,
+        description="largest drop below the final exit's accuracy: the cheapest point that meets it "
+        "(on validation; certified when `risk` is given)",
     )
     latency_budget_ms: float | None = Field(
         None, gt=0, description="expected mean latency per input: the most accurate point that fits"
@@ -34,14 +44,25 @@ class Policy(BaseModel):
     thresholds: list[float] | None = Field(
         None, description="explicit per-exit thresholds; a sample leaves at exit k when confidence ≥ thresholds[k]"
     )
+    risk: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="δ of a certified target: the target holds with probability ≥ 1 − δ over calibration",
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Policy:
-        given = [k for k, v in self.__dict__.items() if v is not None]
+        given = [k for k, v in self.__dict__.items() if v is not None and k != "risk"]
         if len(given) > 1:
             raise ValueError(
-                f"give at most one of point, max_accuracy_drop, latency_budget_ms, thresholds; got {given}"
+                "give at most one of point, max_disagreement, max_accuracy_drop, latency_budget_ms, thresholds; "
+                f"got {given}"
             )
+        if self.max_disagreement is not None and self.risk is None:
+            raise ValueError("max_disagreement needs risk: the δ it holds at, e.g. 0.05")
+        if self.risk is not None and self.max_disagreement is None and self.max_accuracy_drop is None:
+            raise ValueError("risk (δ) goes with max_disagreement or max_accuracy_drop")
         if self.thresholds is not None and not all(math.isfinite(t) and t >= 0 for t in self.thresholds):
             raise ValueError("thresholds must be finite and non-negative")
         return self
@@ -49,15 +70,19 @@ class Policy(BaseModel):
 
 @dataclass(frozen=True)
 class Choice:
-    """Thresholds in force and where they came from; `point` is None for explicit thresholds."""
+    """Thresholds in force and where they came from; `point` is None for explicit thresholds; `guarantee`
+    is what a certified target (or full depth, exactly) lets a response claim."""
 
     name: str
     thresholds: tuple[float, ...]
     point: OperatingPoint | None
+    guarantee: Guarantee | None = None
 
     @classmethod
-    def of(cls, point: OperatingPoint) -> Choice:
-        return cls(point.name, tuple(point.thresholds), point)
+    def of(cls, point: OperatingPoint, guarantee: Guarantee | None = None) -> Choice:
+        if guarantee is None and is_full_depth(point.thresholds):
+            guarantee = FULL_DEPTH
+        return cls(point.name, tuple(point.thresholds), point, guarantee)
 
 
 def cheapest_meeting(manifest: Manifest, max_drop: float) -> OperatingPoint:
@@ -92,6 +117,10 @@ def choose(manifest: Manifest, policy: Policy, stage_ms: Sequence[float]) -> Cho
                 f"{manifest.name} has {len(manifest.exits)} exits, got {len(policy.thresholds)} thresholds"
             )
         return Choice("custom", tuple(policy.thresholds), None)
+    if policy.risk is not None and policy.max_disagreement is not None:
+        return Choice.of(*cheapest_certified(manifest, "disagreement", policy.max_disagreement, policy.risk))
+    if policy.risk is not None and policy.max_accuracy_drop is not None:
+        return Choice.of(*cheapest_certified(manifest, "accuracy_drop", policy.max_accuracy_drop, policy.risk))
     if policy.max_accuracy_drop is not None:
         return Choice.of(cheapest_meeting(manifest, policy.max_accuracy_drop))
     if policy.latency_budget_ms is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any
 
@@ -22,13 +23,14 @@ import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.requests import ClientDisconnect
 
-from branchserve.repo.points import Policy
+from branchserve.repo.points import Choice, Policy
 from branchserve.server.admission import Admission
 from branchserve.server.decoding import MULTIPART, QueryParams, media_type, multipart_file, parser_for, read_body
 from branchserve.server.encoding import encode_native
 from branchserve.server.errors import RequestError
 from branchserve.server.predictor import DeadlineError, PredictError, PredictRequest, ServedModel
 from branchserve.server.schemas import (
+    AppliedGuarantee,
     CurrentOperatingPoint,
     ErrorResponse,
     ExitInfo,
@@ -36,6 +38,7 @@ from branchserve.server.schemas import (
     ModelSummary,
     PredictBody,
     PredictResponse,
+    Rung,
 )
 from branchserve.server.state import ServerState, administered_model, client, served_model
 from branchserve.server.transport import READY_AT, TIMED_OUT
@@ -78,7 +81,7 @@ def respond(model: ServedModel, decode: Callable[[], PredictRequest], admission:
     """Decode, predict and encode, if admission lets the request start after its wait since `ready_at`."""
     started = admission.start(model.name, ready_at)
     try:
-        return encode_native(model.predict(decode(), ready_at, admission.loaded))
+        return encode_native(model.predict(decode(), ready_at))
     except DeadlineError as e:
         admission.shed(model.name, str(e), "expired")
     finally:
@@ -135,15 +138,32 @@ async def list_models(server: Annotated[ServerState, Depends(client)]) -> list[M
     ]
 
 
+def guarantee_of(choice: Choice) -> AppliedGuarantee | None:
+    g = choice.guarantee
+    return None if g is None else AppliedGuarantee.model_validate(asdict(g))
+
+
+def rung_of(model: ServedModel, choice: Choice) -> Rung:
+    saved = None if choice.point is None else model.expected_saved(choice)
+    return Rung(
+        name=choice.name,
+        thresholds=list(choice.thresholds),
+        guarantee=guarantee_of(choice),
+        expected_compute_saved=saved,
+    )
+
+
 def current_point(model: ServedModel) -> CurrentOperatingPoint:
     choice = model.current()
-    saved = model.expected_saved(choice)
     return CurrentOperatingPoint(
         policy=model.policy,
         name=choice.name,
         thresholds=list(choice.thresholds),
-        expected_compute_saved=None if choice.point is None else saved,
+        guarantee=guarantee_of(choice),
+        expected_compute_saved=None if choice.point is None else model.expected_saved(choice),
         stage_latency_ms=model.runtime.clock.per_input_ms(),
+        rungs=[rung_of(model, c) for c in model.rungs],
+        rung=0 if model.ladder is None else min(model.ladder.rung, len(model.rungs) - 1),
     )
 
 
@@ -161,6 +181,7 @@ async def model_metadata(model: Annotated[ServedModel, Depends(served_model)]) -
             for e, c in zip(m.exits, model.runtime.cumulative_macs, strict=True)
         ],
         frontier=m.frontier,
+        certificates=[] if m.certification is None else m.certification.certificates,
         operating_point=current_point(model),
     )
 

@@ -17,13 +17,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from branchserve.repo.certify import NotCertified
 from branchserve.repo.loading import load_repository
+from branchserve.repo.points import Choice, cheapest_meeting
 from branchserve.server import api, docs, probes
 from branchserve.server.admission import Admission
 from branchserve.server.auth import AdminToken, Keys
 from branchserve.server.decoding import Limits, validation_message
 from branchserve.server.errors import RequestError, error_response
+from branchserve.server.ladder import Ladder, certified_rungs
 from branchserve.server.metrics import Metrics
+from branchserve.server.monitor import ExitMonitor
 from branchserve.server.predictor import PredictError, ServedModel
 from branchserve.server.runtime import ModelRuntime
 from branchserve.server.settings import Settings
@@ -61,11 +65,40 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error")
 
 
-def load_models(settings: Settings, metrics: Metrics) -> dict[str, ServedModel]:
+def ladder_for(runtime: ModelRuntime, settings: Settings, admission: Admission) -> tuple[Ladder, list[Choice]] | None:
+    """The ladder's controller and certified rungs for a model; None when the ladder is off or cannot be built."""
+    spec = settings.ladder_spec
+    if not spec.targets:
+        return None
+    try:
+        rungs = certified_rungs(runtime.manifest, spec)
+    except NotCertified as e:
+        log.warning("no load-adaptive ladder for %s: %s", runtime.manifest.name, e)
+        return None
+    return Ladder(spec.p99_ms / 1e3, admission), rungs
+
+
+def monitor_for(runtime: ModelRuntime, settings: Settings, admission: Admission, metrics: Metrics) -> ExitMonitor:
+    cores = settings.inference_threads
+    full_depth = Choice.of(cheapest_meeting(runtime.manifest, 0))
+    return ExitMonitor(
+        runtime,
+        settings.monitor_fraction,
+        settings.monitor_risk,
+        settings.monitor_action,
+        full_depth,
+        metrics,
+        idle=lambda: admission.in_flight < cores,
+    )
+
+
+def load_models(settings: Settings, metrics: Metrics, admission: Admission) -> dict[str, ServedModel]:
     models = {}
     for name, (manifest, version_dir) in load_repository(settings.repository).items():
         runtime = ModelRuntime(manifest, version_dir, settings.intra_op_threads)
-        models[name] = ServedModel(runtime, settings.policy, settings.degrade_accuracy_drop, metrics)
+        ladder = ladder_for(runtime, settings, admission)
+        monitor = monitor_for(runtime, settings, admission, metrics)
+        models[name] = ServedModel(runtime, settings.policy, metrics, ladder, monitor)
         log.info("serving %s/%s from %s (%d exits)", name, manifest.version, version_dir, runtime.num_exits)
     return models
 
@@ -74,7 +107,6 @@ def server_state(settings: Settings) -> ServerState:
     metrics = Metrics()
     admission = Admission(
         settings.max_in_flight,
-        settings.degrade_in_flight,
         settings.max_wait_ms / 1e3,
         settings.queue_target_ms / 1e3,
         settings.queue_interval_ms / 1e3,
@@ -88,7 +120,8 @@ def server_state(settings: Settings) -> ServerState:
         "need the admin token" if admin.token else "disabled (no BRANCHSERVE_ADMIN_TOKEN)",
         "need an API key" if keys.required else "open to every client (no API keys)",
     )
-    return ServerState(settings, load_models(settings, metrics), metrics, admission, limits, keys, admin)
+    models = load_models(settings, metrics, admission)
+    return ServerState(settings, models, metrics, admission, limits, keys, admin)
 
 
 def connection_guard(app: FastAPI) -> Guard:
@@ -119,7 +152,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         server.limiter = anyio.CapacityLimiter(settings.inference_threads)
+        monitors = [m.monitor for m in server.models.values() if m.monitor is not None]
+        for monitor in monitors:
+            monitor.start()
         yield
+        for monitor in monitors:
+            monitor.stop()
 
     app = FastAPI(
         title="branchserve", description=DESCRIPTION, version="1", lifespan=lifespan, docs_url=None, redoc_url=None

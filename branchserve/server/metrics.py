@@ -7,6 +7,9 @@ doubled the series count and no dashboard reads them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from branchserve.repo.quality import PointCheck
 from branchserve.server.runtime import Outcome
 
 REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -47,10 +51,10 @@ class Metrics:
         self.in_flight = Gauge(
             "branchserve_in_flight_requests", "Predict requests admitted, not yet answered", registry=r
         )
-        self.degraded = Counter(
-            "branchserve_degraded_requests",
-            "Requests served at the cheaper point used under load",
-            ["model"],
+        self.rung_requests = Counter(
+            "branchserve_rung_requests",
+            "Requests that followed the server's point, by the ladder rung that served them (0: the point itself)",
+            ["model", "rung"],
             registry=r,
         )
         self.exit_answers = Counter(
@@ -102,6 +106,90 @@ class Metrics:
             registry=r,
         )
 
+        self._ladder_and_monitor(r)
+        self._before_render: list[Callable[[], None]] = []
+
+    def _ladder_and_monitor(self, r: CollectorRegistry) -> None:
+        self.ladder_rung = Gauge(
+            "branchserve_ladder_rung",
+            "Ladder rung serving now (0: the server's operating point)",
+            ["model"],
+            registry=r,
+        )
+        self.ladder_moves = Counter(
+            "branchserve_ladder_moves", "Ladder moves: down is cheaper", ["model", "direction"], registry=r
+        )
+        self.served_epsilon = Gauge(
+            "branchserve_served_epsilon_ratio",
+            "Certified risk bound (ε) of the rung serving now; NaN without a certificate",
+            ["model"],
+            registry=r,
+        )
+        self.utilisation = Gauge(
+            "branchserve_utilisation_ratio",
+            "Share of time with a request in flight, smoothed over the ladder's ticks",
+            ["model"],
+            registry=r,
+        )
+        self.latency_objective = Gauge(
+            "branchserve_latency_objective_seconds", "p99 latency the ladder holds", ["model"], registry=r
+        )
+        self.monitor_sampled = Counter(
+            "branchserve_monitor_sampled_inputs", "Inputs checked at every exit by the monitor", ["model"], registry=r
+        )
+        self.monitor_dropped = Counter(
+            "branchserve_monitor_dropped_inputs",
+            "Sampled inputs dropped: no core was free in time",
+            ["model"],
+            registry=r,
+        )
+        self.monitor_seconds = Counter(
+            "branchserve_monitor_compute_seconds",
+            "Time spent finishing sampled inputs to the final exit",
+            ["model"],
+            registry=r,
+        )
+        self.monitor_macs = Counter(
+            "branchserve_monitor_compute_macs", "MACs spent finishing sampled inputs", ["model"], registry=r
+        )
+        self.disagreement = Gauge(
+            "branchserve_monitor_disagreement_ratio",
+            "Disagreement with the final exit seen in the point's current sequence",
+            ["model", "point"],
+            registry=r,
+        )
+        self.disagreement_lower = Gauge(
+            "branchserve_monitor_disagreement_lower_ratio",
+            "Anytime-valid lower bound on the point's disagreement (alarm when above its epsilon)",
+            ["model", "point"],
+            registry=r,
+        )
+        self.disagreement_upper = Gauge(
+            "branchserve_monitor_disagreement_upper_ratio",
+            "Anytime-valid upper bound on the point's disagreement (recovery when below its epsilon)",
+            ["model", "point"],
+            registry=r,
+        )
+        self.checked_epsilon = Gauge(
+            "branchserve_monitor_epsilon_ratio",
+            "Certified disagreement each watched point is checked against; NaN: watched, never alarmed",
+            ["model", "point"],
+            registry=r,
+        )
+        self.monitor_alarm = Gauge(
+            "branchserve_monitor_alarm", "1 while the point's exit-quality alarm is on", ["model", "point"], registry=r
+        )
+        self.monitor_alarms = Counter(
+            "branchserve_monitor_alarms", "Exit-quality alarms raised", ["model", "point"], registry=r
+        )
+        self.monitor_substituted = Counter(
+            "branchserve_monitor_substituted_requests",
+            "Requests served by a stricter point because of an exit-quality alarm",
+            ["model"],
+            registry=r,
+        )
+        self._watched: dict[str, list[str]] = {}
+
     def add_model(self, name: str, num_exits: int) -> None:
         """Create every series of a model at zero, so rates and absences mean something from the start."""
         for outcome in OUTCOMES:
@@ -112,14 +200,23 @@ class Metrics:
             self.stage_seconds.labels(name, k)
         for m in (
             self.request_seconds,
-            self.degraded,
             self.deadline_requests,
             self.deadline_stops,
             self.deadline_misses,
             self.macs,
             self.full_depth_macs,
+            self.ladder_rung,
+            self.served_epsilon,
+            self.utilisation,
+            self.monitor_sampled,
+            self.monitor_dropped,
+            self.monitor_seconds,
+            self.monitor_macs,
+            self.monitor_substituted,
         ):
             m.labels(name)
+        for direction in ("down", "up"):
+            self.ladder_moves.labels(name, direction)
 
     def set_thresholds(self, name: str, thresholds: tuple[float, ...], saved: float) -> None:
         for k, t in enumerate(thresholds):
@@ -138,5 +235,48 @@ class Metrics:
         self.macs.labels(name).inc(macs)
         self.full_depth_macs.labels(name).inc(full_macs)
 
+    def watch_points(self, name: str, points: Sequence[tuple[str, float | None]]) -> None:
+        """The monitor's points of a model: series for each, and none left for points no longer watched."""
+        per_point = (
+            self.disagreement,
+            self.disagreement_lower,
+            self.disagreement_upper,
+            self.checked_epsilon,
+            self.monitor_alarm,
+            self.monitor_alarms,
+        )
+        for old in self._watched.get(name, []):
+            for m in per_point:
+                m.remove(name, old)
+        self._watched[name] = [point for point, _ in points]
+        for point, epsilon in points:
+            for m in per_point:
+                m.labels(name, point)
+            self.checked_epsilon.labels(name, point).set(math.nan if epsilon is None else epsilon)
+            self.disagreement.labels(name, point).set(math.nan)
+            self.disagreement_upper.labels(name, point).set(1.0)
+
+    def observe_monitor(self, name: str, samples: int, seconds: float, macs: float) -> None:
+        self.monitor_sampled.labels(name).inc(samples)
+        self.monitor_seconds.labels(name).inc(seconds)
+        self.monitor_macs.labels(name).inc(macs)
+
+    def set_checks(self, name: str, points: Sequence[PointCheck], bounds: bool) -> None:
+        """Publish each point's alarm state and, when `bounds`, its estimate and anytime-valid bounds
+        (~1 ms a point to compute, so the monitor asks for them when /metrics is read)."""
+        for p in points:
+            self.monitor_alarm.labels(name, p.name).set(p.alarmed)
+            if bounds:
+                seq = p.sequence
+                self.disagreement.labels(name, p.name).set(seq.mean)
+                self.disagreement_lower.labels(name, p.name).set(seq.lower())
+                self.disagreement_upper.labels(name, p.name).set(seq.upper())
+
+    def before_render(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` whenever the metrics are read, for figures too costly to keep current."""
+        self._before_render.append(refresh)
+
     def render(self) -> bytes:
+        for refresh in self._before_render:
+            refresh()
         return generate_latest(self.registry)

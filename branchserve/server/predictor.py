@@ -3,6 +3,10 @@
 `predict` takes a decoded request and returns a `Result`, with no HTTP on either side: the REST
 routes decode before it and encode after it. It runs on the event loop for a light request and
 in a worker thread otherwise (server/api.py says when), so it is synchronous and thread-safe.
+
+Which point answers a request that follows the server's policy: the ladder's rung (rung 0 is the
+policy's point; server/ladder.py), unless the exit-quality monitor's action replaces an alarmed
+rung (server/monitor.py). Both are optional hooks: without them the policy's point answers.
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from branchserve.repo.frontier import expected_cost
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Choice, Policy, cheapest_meeting, choose
 from branchserve.repo.tensors import FloatArray
 from branchserve.server.budget import Budget
+from branchserve.server.ladder import Ladder
 from branchserve.server.metrics import Metrics
+from branchserve.server.monitor import ExitMonitor
 from branchserve.server.runtime import ModelRuntime, Outcome
 
 RECHOOSE_SECONDS = 1.0  # a latency budget is re-priced with live stage latencies this often
 
-Source = Literal["server", "request", "load"]
+Source = Literal["server", "ladder", "monitor", "request"]
 
 
 class PredictError(ValueError):
@@ -52,6 +59,7 @@ class Result:
     outcome: Outcome
     choice: Choice
     source: Source
+    rung: int | None  # None for a request's own target
     budget: Budget
     probabilities: bool
     latency_s: float
@@ -59,17 +67,30 @@ class Result:
 
 
 class ServedModel:
-    def __init__(self, runtime: ModelRuntime, policy: Policy, degrade_drop: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        policy: Policy,
+        metrics: Metrics,
+        ladder: tuple[Ladder, list[Choice]] | None = None,
+        monitor: ExitMonitor | None = None,
+    ) -> None:
+        """`ladder`: its controller and the certified rungs below the policy's point, strictest first."""
         self.runtime = runtime
         self.manifest = runtime.manifest
         self.name = self.manifest.name
         self.metrics = metrics
         self.full_macs = float(runtime.cumulative_macs[-1])
-        self.load_point = Choice.of(cheapest_meeting(self.manifest, degrade_drop))
+        self.ladder: Ladder | None = ladder[0] if ladder else None
+        self._ladder_rungs: list[Choice] = ladder[1] if ladder else []
+        self.monitor = monitor
         metrics.add_model(self.name, runtime.num_exits)
         self._lock = threading.Lock()
         self.policy = policy
         self.set_policy(policy)
+        if self.ladder is not None:
+            metrics.latency_objective.labels(self.name).set(self.ladder.objective_s)
+            self.ladder.priced_by(lambda: [self._stage_ms(c) for c in self.rungs])
 
     def set_policy(self, policy: Policy, unless_changed_from: Policy | None = None) -> Choice:
         """Adopt a policy (ValueError if it does not fit this model) and publish its thresholds."""
@@ -77,6 +98,10 @@ class ServedModel:
             if unless_changed_from is None or self.policy is unless_changed_from:
                 choice = choose(self.manifest, policy, self.runtime.clock.per_input_ms())
                 self.policy, self.choice, self.chosen_at = policy, choice, time.monotonic()
+                self.rungs = [choice, *(c for c in self._ladder_rungs if self._macs(c) < self._macs(choice))]
+                if self.monitor is not None:
+                    self.monitor.watch(self.rungs)
+                self._publish_rung(0 if self.ladder is None else self.ladder.rung)
                 self.metrics.set_thresholds(self.name, choice.thresholds, self.expected_saved(choice))
             return self.choice
 
@@ -90,23 +115,32 @@ class ServedModel:
     def expected_saved(self, choice: Choice) -> float:
         return math.nan if choice.point is None else 1.0 - choice.point.expected_macs / self.full_macs
 
-    def _thresholds(self, budget: Budget, loaded: bool) -> tuple[Choice, Source]:
-        if budget.max_accuracy_drop is not None:
-            return Choice.of(cheapest_meeting(self.manifest, budget.max_accuracy_drop)), "request"
-        choice = self.current()
-        load = self.load_point
-        assert load.point is not None
-        if loaded and (choice.point is None or load.point.expected_macs < choice.point.expected_macs):
-            return load, "load"
-        return choice, "server"
+    def _macs(self, choice: Choice) -> float:
+        return self.full_macs if choice.point is None else choice.point.expected_macs
 
-    def predict(self, request: PredictRequest, started: float, loaded: bool) -> Result:
-        """Answer a request received at `started` (time.perf_counter()); `loaded`: prefer the load point."""
+    def _stage_ms(self, choice: Choice) -> float:
+        """Expected stage time per input, priced live (explicit thresholds: as full depth)."""
+        stage_ms = self.runtime.clock.per_input_ms()
+        return sum(stage_ms) if choice.point is None else expected_cost(choice.point.exit_fractions, stage_ms)
+
+    def _thresholds(self, budget: Budget) -> tuple[Choice, Source, int | None]:
+        if budget.max_accuracy_drop is not None:
+            return Choice.of(cheapest_meeting(self.manifest, budget.max_accuracy_drop)), "request", None
+        self.current()
+        rungs = self.rungs
+        rung = 0 if self.ladder is None else min(self.ladder.rung, len(rungs) - 1)
+        replaced = None if self.monitor is None else self.monitor.serving(rungs, rung)
+        if replaced is not None:
+            return replaced, "monitor", rung
+        return rungs[rung], ("ladder" if rung else "server"), rung
+
+    def predict(self, request: PredictRequest, started: float) -> Result:
+        """Answer a request whose body arrived at `started` (time.perf_counter())."""
         budget, last = request.budget, self.runtime.num_exits - 1
         if budget.max_exit is not None and budget.max_exit > last:
             raise PredictError(f"budget.max_exit: {self.name} has exits 0..{last}")
         x = request.inputs()
-        choice, source = self._thresholds(budget, loaded)
+        choice, source, rung = self._thresholds(budget)
         max_exit = last if budget.max_exit is None else budget.max_exit
         deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
         if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
@@ -114,19 +148,42 @@ class ServedModel:
             if left_ms <= 0:
                 raise DeadlineError(f"deadline passed {-left_ms:.2f} ms ago, before the request could start")
             raise DeadlineError(f"deadline cannot be met: {left_ms:.2f} ms left, the first stage alone needs more")
-        outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at)
+        trace = None if self.monitor is None else self.monitor.trace(len(x))
+        outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at, trace)
+        if trace is not None and self.monitor is not None:
+            self.monitor.submit(trace)
         latency = time.perf_counter() - started
         missed = None if deadline_at is None else started + latency > deadline_at
-        self._observe(outcome, latency, source, missed)
-        return Result(self.manifest, outcome, choice, source, budget, request.probabilities, latency, missed)
+        self._observe(outcome, latency, source, rung, missed)
+        self._steer(len(x))
+        return Result(self.manifest, outcome, choice, source, rung, budget, request.probabilities, latency, missed)
 
-    def _observe(self, outcome: Outcome, latency: float, source: Source, missed: bool | None) -> None:
+    def _steer(self, inputs: int) -> None:
+        """Count a request for the ladder; publish a move."""
+        if self.ladder is None:
+            return
+        before = self.ladder.rung
+        moved_to = self.ladder.observe(inputs)
+        self.metrics.utilisation.labels(self.name).set(self.ladder.utilisation)
+        if moved_to is not None:
+            self.metrics.ladder_moves.labels(self.name, "down" if moved_to > before else "up").inc()
+            self._publish_rung(moved_to)
+
+    def _publish_rung(self, rung: int) -> None:
+        rung = min(rung, len(self.rungs) - 1)
+        guarantee = self.rungs[rung].guarantee
+        self.metrics.ladder_rung.labels(self.name).set(rung)
+        self.metrics.served_epsilon.labels(self.name).set(math.nan if guarantee is None else guarantee.epsilon)
+
+    def _observe(self, outcome: Outcome, latency: float, source: Source, rung: int | None, missed: bool | None) -> None:
         m, name, exits = self.metrics, self.name, outcome.exits
         m.observe_run(name, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
         m.requests.labels(name, "ok").inc()
         m.request_seconds.labels(name).observe(latency)
-        if source == "load":
-            m.degraded.labels(name).inc()
+        if rung is not None:
+            m.rung_requests.labels(name, str(rung)).inc()
+        if source == "monitor":
+            m.monitor_substituted.labels(name).inc()
         if missed is not None:
             m.deadline_requests.labels(name).inc()
             m.deadline_stops.labels(name).inc(outcome.deadline_stopped)

@@ -72,6 +72,40 @@ class Outcome:
     deadline_stopped: bool
 
 
+class Trace:
+    """Every exit's confidence and class for a few rows of one run (those the exit-quality monitor
+    sampled), and each row's last stage and boundary tensor, so it can be finished later."""
+
+    def __init__(self, n: int, rows: Sequence[int], exits: int) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.position = np.full(n, -1, np.int64)
+        self.position[self.rows] = np.arange(len(self.rows))
+        self.confidence = np.full((exits, len(self.rows)), np.nan, np.float32)
+        self.classes = np.full((exits, len(self.rows)), -1, np.int64)
+        self.reached = np.zeros(len(self.rows), np.int64)
+        self.boundary: dict[int, FloatArray] = {}  # traced position → boundary after its last stage
+
+    def record(
+        self,
+        k: int,
+        active: IntArray,
+        conf: FloatArray | Float64Array,
+        probs: FloatArray,
+        boundary: FloatArray | None,
+    ) -> None:
+        where = self.position[active]
+        hit = np.flatnonzero(where >= 0)
+        if not len(hit):
+            return
+        rows = where[hit]
+        self.confidence[k, rows], self.classes[k, rows], self.reached[rows] = conf[hit], probs[hit].argmax(1), k
+        for row, i in zip(rows.tolist(), hit.tolist(), strict=True):
+            if boundary is None:
+                self.boundary.pop(row, None)
+            else:
+                self.boundary[row] = boundary[i].copy()  # a copy: the batch's tensor is not kept alive
+
+
 class Stage:
     def __init__(self, spec: StageSpec, session: ort.InferenceSession) -> None:
         self.input_name = spec.input_name
@@ -124,9 +158,15 @@ class ModelRuntime:
         return time.perf_counter() + self.clock.worst_case(k, rows) > deadline_at
 
     def run(
-        self, x: FloatArray, thresholds: Sequence[float], max_exit: int, deadline_at: float | None = None
+        self,
+        x: FloatArray,
+        thresholds: Sequence[float],
+        max_exit: int,
+        deadline_at: float | None = None,
+        trace: Trace | None = None,
     ) -> Outcome:
-        """Run (n, C, H, W) inputs; `deadline_at` is a time.perf_counter() instant."""
+        """Run (n, C, H, W) inputs; `deadline_at` is a time.perf_counter() instant; `trace` keeps what the
+        exit-quality monitor needs of the rows it sampled."""
         n = len(x)
         exits = np.zeros(n, np.int64)
         conf = np.zeros(n, np.float32)
@@ -148,6 +188,8 @@ class ModelRuntime:
             c = confidence(p, self.manifest.confidence)
             seconds.append(dt)
             scored.append(c)
+            if trace is not None:
+                trace.record(k, active, c, p, boundary)
             # Every sample still here answers from its deepest exit so far, in case a later stage is cut.
             exits[active], conf[active], probs[active] = k, c, p
             if k >= max_exit or boundary is None:
@@ -157,3 +199,16 @@ class ModelRuntime:
                 break
             active, h = active[stay], boundary[stay]
         return Outcome(exits, conf, probs, seconds, scored, stopped)
+
+    def finish(self, k: int, h: FloatArray) -> tuple[list[FloatArray], list[FloatArray]]:
+        """Run stages k.. on boundary tensor `h` (of stage k − 1) to the last exit, off the request path:
+        the confidence and probabilities of each exit reached; the live clock is left alone."""
+        confidences, probabilities = [], []
+        for stage in self.stages[k:]:
+            logits, boundary = stage(h)
+            p = softmax(logits)
+            confidences.append(confidence(p, self.manifest.confidence).astype(np.float32))
+            probabilities.append(p)
+            if boundary is not None:
+                h = boundary
+        return confidences, probabilities

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from branchserve.repo.manifest import ConfidenceKind, InputSpec, OperatingPoint
+from branchserve.repo.manifest import Certificate, ConfidenceKind, InputSpec, OperatingPoint, RiskKind
 from branchserve.repo.points import Policy
 from branchserve.server.budget import Budget
 
@@ -39,13 +39,27 @@ class Prediction(BaseModel):
     probabilities: list[float] | None = Field(None, description="only when asked for")
 
 
+class AppliedGuarantee(BaseModel):
+    risk: RiskKind
+    epsilon: float = Field(description="the risk is at most this")
+    delta: float = Field(description="with probability at least 1 − delta over the calibration sample")
+    method: str
+    n: int = Field(description="calibration images the certificate rests on (0: exact, full depth)")
+    bound: float = Field(description="the point's own upper confidence bound on the risk, at most epsilon")
+
+
 class AppliedBudget(BaseModel):
-    source: Literal["server", "request", "load"] = Field(
-        description="server: the server's operating point; request: the request's max_accuracy_drop; "
-        "load: the cheaper point used while many requests are in flight"
+    source: Literal["server", "ladder", "monitor", "request"] = Field(
+        description="server: the server's operating point; ladder: a cheaper certified rung chosen under load; "
+        "monitor: a stricter point serving for a rung whose exit-quality alarm is on; request: the request's "
+        "max_accuracy_drop"
     )
     operating_point: str
     thresholds: list[float]
+    rung: int | None = Field(description="ladder rung (0: the server's point); null for a request's own target")
+    guarantee: AppliedGuarantee | None = Field(
+        description="what the answering point is certified for; null when its choice made no certified claim"
+    )
     deadline_ms: float | None
     max_exit: int | None
     max_accuracy_drop: float | None
@@ -66,6 +80,8 @@ class PredictResponse(BaseModel):
                         "source": "server",
                         "operating_point": "near-final",
                         "thresholds": [0.93, 0.9, 0.8, 0.0],
+                        "rung": 0,
+                        "guarantee": None,
                         "deadline_ms": None,
                         "max_exit": None,
                         "max_accuracy_drop": None,
@@ -99,12 +115,22 @@ class ExitInfo(BaseModel):
     cumulative_macs: int = Field(description="MACs to answer from this exit")
 
 
+class Rung(BaseModel):
+    name: str
+    thresholds: list[float]
+    guarantee: AppliedGuarantee | None
+    expected_compute_saved: float | None = Field(description="vs full depth, by MACs; null for explicit thresholds")
+
+
 class CurrentOperatingPoint(BaseModel):
     policy: Policy
     name: str
     thresholds: list[float]
+    guarantee: AppliedGuarantee | None = Field(description="what the policy's point is certified for, if anything")
     expected_compute_saved: float | None = Field(description="vs full depth, by MACs; null for explicit thresholds")
     stage_latency_ms: list[float] = Field(description="live per-stage latency for one input on this host")
+    rungs: list[Rung] = Field(description="the ladder's rungs, the policy's point first; one when the ladder is off")
+    rung: int = Field(description="the rung serving requests that follow the policy now")
 
 
 class ModelSummary(BaseModel):
@@ -122,4 +148,5 @@ class ModelMetadata(BaseModel):
     confidence: ConfidenceKind
     exits: list[ExitInfo]
     frontier: list[OperatingPoint]
+    certificates: list[Certificate] = Field(description="targets certified when the version was calibrated")
     operating_point: CurrentOperatingPoint

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from branchserve.fmnist import LABELS as FMNIST_LABELS
-from branchserve.fmnist import DataError, fmnist_dir, read_split
+from branchserve.fmnist import DataError, fmnist_dir, read_split, split_indices
 from branchserve.repo.imaging import ImageError, image_to_input, open_image
 from branchserve.repo.manifest import InputSpec
 from branchserve.training.config import DataSource
@@ -60,14 +60,6 @@ def load_data(source: DataSource) -> Dataset:
 def _normalise(pixels: np.ndarray, spec: InputSpec) -> Tensor:
     x = torch.from_numpy(pixels.astype(np.float32) * spec.scale)
     return ((x - spec.mean) / spec.std).unsqueeze(1)
-
-
-def split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation cut into (train, val)."""
-    if not 0 < n_val < n:
-        raise DataError(f"cannot hold out {n_val} of {n} samples for validation")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def load_fashion_mnist(root: Path | None = None, n_val: int = 10_000, split_seed: int = 0) -> Dataset:
