@@ -13,10 +13,14 @@ import pytest
 from serving import encode, metric_samples, running_server, sample_images
 
 from branchserve.loadtest.shifts import glyphs
+from branchserve.repo.certify import cheapest_certified
 from branchserve.repo.frontier import exits_taken
 from branchserve.repo.loading import load_repository
+from branchserve.repo.points import Choice, cheapest_meeting
 from branchserve.repo.quality import PointCheck, QualityCheck, disagreements
 from branchserve.repo.sequences import RateSequence
+from branchserve.server.metrics import Metrics
+from branchserve.server.monitor import ExitMonitor
 from branchserve.server.runtime import ModelRuntime, Trace
 
 EPSILON, ALPHA = 0.02, 0.05
@@ -121,6 +125,27 @@ def answer(client: httpx.Client, path: str, png: bytes) -> dict:
             break
         time.sleep(0.2)
     return r.raise_for_status().json()
+
+
+@pytest.mark.parametrize("action", ["alert", "stricter", "full"])
+def test_actions_say_what_serves_for_an_alarmed_rung(tiny_repo: Path, action: str) -> None:
+    ((manifest, version_dir),) = load_repository(tiny_repo).values()
+    runtime = ModelRuntime(manifest, version_dir)
+    rungs = [Choice.of(cheapest_certified(manifest, "disagreement", eps, 0.05)[0]) for eps in (0.05, 0.1, 0.3)]
+    full = Choice.of(cheapest_meeting(manifest, 0))
+    monitor = ExitMonitor(runtime, 0.5, ALPHA, action, full, Metrics(), idle=lambda: True)
+    monitor.watch(rungs)
+    assert [monitor.serving(rungs, r) for r in range(3)] == [None, None, None]  # no alarm: every rung serves
+    monitor.check.points[1].alarmed = True
+    expected = {
+        "alert": [None, None, None],
+        "stricter": [None, rungs[0], None],  # rung 1 is served by rung 0; rung 2 has no alarm
+        "full": [full, full, full],
+    }[action]
+    assert [monitor.serving(rungs, r) for r in range(3)] == expected
+    monitor.check.points[0].alarmed = True
+    if action == "stricter":
+        assert monitor.serving(rungs, 1) == full  # no stricter rung without an alarm: full depth
 
 
 def wait_for(client: httpx.Client, key: tuple[str, tuple[tuple[str, str], ...]], value: float) -> float:

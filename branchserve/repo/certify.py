@@ -28,7 +28,6 @@ bounded by the upper bound on the lost rate minus the lower bound on the gained 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +48,7 @@ from branchserve.repo.manifest import (
     Candidate,
     Certificate,
     Certification,
+    Guarantee,
     Manifest,
     OperatingPoint,
     RiskKind,
@@ -70,19 +70,9 @@ DEFAULT_TARGETS: tuple[Target, ...] = (("disagreement", 0.01, 0.05), ("accuracy_
 """Recorded in a manifest when it is certified; a policy may ask for any other target."""
 
 
-@dataclass(frozen=True)
-class Guarantee:
-    """What a response may claim: with probability ≥ 1 − delta over calibration, `risk` ≤ epsilon."""
-
-    risk: RiskKind
-    epsilon: float
-    delta: float
-    method: str
-    n: int
-    bound: float  # the point's own (1 − delta) upper bound, ≤ epsilon
-
-
-FULL_DEPTH = Guarantee("disagreement", 0.0, 0.0, "full depth: every answer is the final exit's", 0, 0.0)
+FULL_DEPTH = Guarantee(
+    risk="disagreement", epsilon=0.0, delta=0.0, method="full depth: every answer is the final exit's", n=0, bound=0.0
+)
 
 
 class NotCertified(ValueError):
@@ -143,7 +133,8 @@ def cheapest_certified(
         )
     macs = {p.name: p.expected_macs for p in manifest.frontier + cert.points}
     name, bound = _cheapest(cert, macs, risk, epsilon, delta)
-    return manifest.operating_point(name), Guarantee(risk, epsilon, delta, SHORT_METHOD, cert.n, bound)
+    guarantee = Guarantee(risk=risk, epsilon=epsilon, delta=delta, method=SHORT_METHOD, n=cert.n, bound=bound)
+    return manifest.operating_point(name), guarantee
 
 
 def _counts(scores: ExitScores, rows: Float64Array) -> npt.NDArray[np.int64]:
@@ -229,5 +220,9 @@ def certificates(
     out = []
     for risk, epsilon, delta in targets:
         point, bound = _cheapest(cert, macs, risk, epsilon, delta)
-        out.append(Certificate(risk=risk, epsilon=epsilon, delta=delta, point=point, bound=bound))
+        out.append(
+            Certificate(
+                risk=risk, epsilon=epsilon, delta=delta, method=SHORT_METHOD, n=cert.n, bound=bound, point=point
+            )
+        )
     return out

@@ -141,14 +141,21 @@ class Candidate(Schema):
     gained: int = Field(ge=0, description="on half B: right answers where the final exit is wrong")
 
 
-class Certificate(Schema):
-    """A target certified when the version was calibrated: the cheapest frontier point meeting it."""
+class Guarantee(Schema):
+    """What a certified point lets a response claim: with probability ≥ 1 − delta over calibration, risk ≤ epsilon."""
 
     risk: RiskKind
-    epsilon: float = Field(description="the risk certified: at most this")
+    epsilon: float = Field(description="the risk is at most this")
     delta: float = Field(description="with probability at least 1 − delta over the calibration sample")
+    method: str
+    n: int = Field(description="calibration images the certificate rests on (0: exact, full depth)")
+    bound: float = Field(description="the point's own (1 − delta) upper confidence bound on the risk, ≤ epsilon")
+
+
+class Certificate(Guarantee):
+    """A target certified when the version was calibrated, and the cheapest point meeting it."""
+
     point: str
-    bound: float = Field(description="the point's own (1 − delta) upper confidence bound on the risk")
 
 
 class Certification(Schema):

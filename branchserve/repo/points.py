@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from branchserve.repo.certify import FULL_DEPTH, Guarantee, cheapest_certified, is_full_depth
+from branchserve.repo.certify import FULL_DEPTH, cheapest_certified, is_full_depth
 from branchserve.repo.frontier import cheapest_within, expected_cost
-from branchserve.repo.manifest import Manifest, OperatingPoint
+from branchserve.repo.manifest import Guarantee, Manifest, OperatingPoint
 
 
 class Policy(BaseModel):

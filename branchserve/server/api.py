@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any
 
@@ -30,7 +29,6 @@ from branchserve.server.encoding import encode_native
 from branchserve.server.errors import RequestError
 from branchserve.server.predictor import DeadlineError, PredictError, PredictRequest, ServedModel
 from branchserve.server.schemas import (
-    AppliedGuarantee,
     CurrentOperatingPoint,
     ErrorResponse,
     ExitInfo,
@@ -138,17 +136,12 @@ async def list_models(server: Annotated[ServerState, Depends(client)]) -> list[M
     ]
 
 
-def guarantee_of(choice: Choice) -> AppliedGuarantee | None:
-    g = choice.guarantee
-    return None if g is None else AppliedGuarantee.model_validate(asdict(g))
-
-
 def rung_of(model: ServedModel, choice: Choice) -> Rung:
     saved = None if choice.point is None else model.expected_saved(choice)
     return Rung(
         name=choice.name,
         thresholds=list(choice.thresholds),
-        guarantee=guarantee_of(choice),
+        guarantee=choice.guarantee,
         expected_compute_saved=saved,
     )
 
@@ -159,7 +152,7 @@ def current_point(model: ServedModel) -> CurrentOperatingPoint:
         policy=model.policy,
         name=choice.name,
         thresholds=list(choice.thresholds),
-        guarantee=guarantee_of(choice),
+        guarantee=choice.guarantee,
         expected_compute_saved=None if choice.point is None else model.expected_saved(choice),
         stage_latency_ms=model.runtime.clock.per_input_ms(),
         rungs=[rung_of(model, c) for c in model.rungs],

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import orjson
 
 from branchserve.server.predictor import Result
@@ -32,7 +30,7 @@ def encode_native(result: Result) -> bytes:
                 "operating_point": result.choice.name,
                 "thresholds": result.choice.thresholds,
                 "rung": result.rung,
-                "guarantee": None if guarantee is None else asdict(guarantee),
+                "guarantee": None if guarantee is None else guarantee.model_dump(),
                 "deadline_ms": budget.deadline_ms,
                 "max_exit": budget.max_exit,
                 "max_accuracy_drop": budget.max_accuracy_drop,

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from branchserve.repo.manifest import Certificate, ConfidenceKind, InputSpec, OperatingPoint, RiskKind
+from branchserve.repo.manifest import Certificate, ConfidenceKind, Guarantee, InputSpec, OperatingPoint
 from branchserve.repo.points import Policy
 from branchserve.server.budget import Budget
 
@@ -39,15 +39,6 @@ class Prediction(BaseModel):
     probabilities: list[float] | None = Field(None, description="only when asked for")
 
 
-class AppliedGuarantee(BaseModel):
-    risk: RiskKind
-    epsilon: float = Field(description="the risk is at most this")
-    delta: float = Field(description="with probability at least 1 − delta over the calibration sample")
-    method: str
-    n: int = Field(description="calibration images the certificate rests on (0: exact, full depth)")
-    bound: float = Field(description="the point's own upper confidence bound on the risk, at most epsilon")
-
-
 class AppliedBudget(BaseModel):
     source: Literal["server", "ladder", "monitor", "request"] = Field(
         description="server: the server's operating point; ladder: a cheaper certified rung chosen under load; "
@@ -57,7 +48,7 @@ class AppliedBudget(BaseModel):
     operating_point: str
     thresholds: list[float]
     rung: int | None = Field(description="ladder rung (0: the server's point); null for a request's own target")
-    guarantee: AppliedGuarantee | None = Field(
+    guarantee: Guarantee | None = Field(
         description="what the answering point is certified for; null when its choice made no certified claim"
     )
     deadline_ms: float | None
@@ -118,7 +109,7 @@ class ExitInfo(BaseModel):
 class Rung(BaseModel):
     name: str
     thresholds: list[float]
-    guarantee: AppliedGuarantee | None
+    guarantee: Guarantee | None
     expected_compute_saved: float | None = Field(description="vs full depth, by MACs; null for explicit thresholds")
 
 
@@ -126,7 +117,7 @@ class CurrentOperatingPoint(BaseModel):
     policy: Policy
     name: str
     thresholds: list[float]
-    guarantee: AppliedGuarantee | None = Field(description="what the policy's point is certified for, if anything")
+    guarantee: Guarantee | None = Field(description="what the policy's point is certified for, if anything")
     expected_compute_saved: float | None = Field(description="vs full depth, by MACs; null for explicit thresholds")
     stage_latency_ms: list[float] = Field(description="live per-stage latency for one input on this host")
     rungs: list[Rung] = Field(description="the ladder's rungs, the policy's point first; one when the ladder is off")
