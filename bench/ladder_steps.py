@@ -61,7 +61,7 @@ def open_loop(url: str, requests: list[bytes], rate: float, seconds: float) -> t
         "p50_ms": percentile(ok, 50),
         "p99_ms": percentile(ok, 99),
     }
-    return summary, out.request, out.bodies
+    return summary, out.request, out.bodies or []
 
 
 def holds(summary: dict, objective: float) -> bool:

@@ -26,7 +26,7 @@ from branchserve.loadtest.servers import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = {
-    "branchserve": ["-m", "branchserve", "serve", "--log-level", "warning"],
+    "branchserve": ["-m", "branchserve", "serve", "--log-level", "warning", "--grpc-port", "0"],
     "branchserve, always a thread hop": [
         "-m",
         "branchserve",
@@ -34,6 +34,8 @@ SERVERS = {
         "--log-level",
         "warning",
         "--inline-body-bytes",
+        "0",
+        "--grpc-port",
         "0",
     ],
     "baseline": ["-m", "branchserve.loadtest.baseline_server", "--model", "{model}"],

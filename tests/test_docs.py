@@ -1,7 +1,7 @@
 """Every example in the README and docs/ runs as shown.
 
-`curl` lines run against a real server on the shipped model (with a `~/.curlrc` that makes an
-HTTP error fail the command); `branchserve` commands are parsed by the real command line (long
+`curl` lines and Python blocks that use a client (tritonclient) run against a real server on the
+shipped model (with a `~/.curlrc` that makes an HTTP error fail the command); `branchserve` commands are parsed by the real command line (long
 ones such as `train` are not run) and the cheap ones run; bench scripts must exist and know their
 flags; JSON examples of a predict response have the real response's fields, version and points.
 """
@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,11 +65,12 @@ def words(line: str) -> list[str]:
 
 COMMANDS = [(doc, line) for doc, line in shell_lines() if words(line)[:1] == ["branchserve"]]
 CURLS = [(doc, line) for doc, line in shell_lines() if "curl " in line]
+CLIENTS = [(doc, body) for doc, body in fenced("python") if "tritonclient" in body]
 BENCHES = [(doc, line) for doc, line in shell_lines() if re.match(r"(nice -n \d+ )?python3? bench/", line)]
 
 
 def test_the_docs_have_examples_of_every_kind() -> None:
-    assert len(COMMANDS) > 20 and len(CURLS) >= 5 and len(BENCHES) >= 4
+    assert len(COMMANDS) > 20 and len(CURLS) >= 5 and len(BENCHES) >= 4 and len(CLIENTS) >= 2
 
 
 @pytest.mark.parametrize(("doc", "line"), COMMANDS, ids=[f"{d}: {line[:60]}" for d, line in COMMANDS])
@@ -109,6 +111,13 @@ def test_curl_examples_answer_without_error(doc: str, line: str, server: Server,
     env = {**os.environ, "HOME": str(tmp_path), "TOKEN": TOKEN}
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{doc}: {line}\n{done.stdout[-500:]}{done.stderr[-500:]}"
+
+
+@pytest.mark.parametrize(("doc", "code"), CLIENTS, ids=[f"{d}: python block {i}" for i, (d, _) in enumerate(CLIENTS)])
+def test_client_examples_run(doc: str, code: str, server: Server) -> None:
+    code = code.replace("localhost:8000", server.url.removeprefix("http://")).replace("localhost:8001", server.grpc)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{doc}:\n{code}\n{done.stdout[-500:]}{done.stderr[-2000:]}"
 
 
 def test_json_examples_of_a_response_match_a_real_one(server: Server) -> None:

@@ -9,6 +9,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -77,7 +78,7 @@ def model(client: httpx.Client) -> str:
 
 def outcome(client: httpx.Client, model: str, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'branchserve_requests_total{{model="{model}",outcome="{name}"}}'):
+        if line.startswith(f'branchserve_requests_total{{model="{model}",outcome="{name}",version="1"}}'):
             return float(line.split()[-1])
     raise AssertionError(f"no {name} series")
 
@@ -228,3 +229,31 @@ def test_weak_admin_tokens_stop_the_server_and_are_never_printed(tiny_repo: Path
     ):
         pass
     assert (token or "''") not in str(e.value).replace(shown, "")
+
+
+def test_requests_that_would_wait_too_long_are_refused_fast(tiny_repo: Path) -> None:
+    """With a 2 ms wait allowed, 16 clients at once overload the server: some requests are refused
+    (at the door or when their turn comes), every refusal is a 503 with Retry-After and says why,
+    the answered ones were served, and the server is healthy afterwards."""
+    flags = ["--max-wait-ms", "2", "--queue-target-ms", "1", "--queue-interval-ms", "20", "--log-level", "warning"]
+    with running_server(tiny_repo, *flags) as s, s.client() as c:
+        model = c.get("/v1/models").json()[0]["name"]
+        png = encode(sample_images(1)[0][0])
+
+        def burst(_: int) -> list[httpx.Response]:
+            with s.client() as own:
+                return [own.post(f"/v1/models/{model}/predict", content=png, headers=PNG) for _ in range(20)]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = [r for batch in pool.map(burst, range(16)) for r in batch]
+        statuses = {r.status_code for r in answers}
+        refused = [r for r in answers if r.status_code == 503]
+        assert statuses == {200, 503}, statuses
+        assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["detail"] for r in refused)
+        metrics = c.get("/metrics").text
+        assert (
+            f'branchserve_requests_total{{model="{model}",outcome="overloaded",version="1"}} {float(len(refused))}'
+            in metrics
+        )
+        assert c.post(f"/v1/models/{model}/predict", content=png, headers=PNG).status_code == 200
+        assert "Traceback" not in s.log_text()

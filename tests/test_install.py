@@ -63,6 +63,10 @@ def test_the_wheel_installs_one_namespace_with_its_data(wheel: Path) -> None:
     assert len(samples) == 501 and "branchserve/loadtest/samples/labels.txt" in samples
     assert {"branchserve/loadtest/budgets/ci.toml", "branchserve/loadtest/budgets/dev.toml"} <= set(names)
     assert "branchserve/server/static/swagger-ui/swagger-ui-bundle.js" in names
+    assert {
+        "branchserve/server/oip/proto/grpc_predict_v2.proto",
+        "branchserve/server/oip/proto/grpc_predict_v2_pb2.pyi",
+    } <= set(names)
 
 
 def test_torch_free_tools_work_on_the_serve_only_install(venv: Path, outside: Path) -> None:
@@ -88,7 +92,18 @@ def test_torch_free_tools_work_on_the_serve_only_install(venv: Path, outside: Pa
         check = run(venv, outside, "python", "-m", "branchserve.loadtest.predict_check", "--url", server.url)
     answers = check.stdout.strip().splitlines()
     assert len(answers) == 5 and all(": 200, class " in line for line in answers)
-    assert "serving fmnist-resnet/3" in server.log_text()
+    log = server.log_text()
+    assert "fmnist-resnet: serving versions [3]" in log
+    assert "gRPC off: grpc is not installed (pip install 'branchserve[grpc]')" in log
+
+
+def test_grpc_asked_for_without_the_extra_is_a_one_line_error(venv: Path, outside: Path) -> None:
+    done = run(venv, outside, "branchserve", "serve", "--repository", "repo", "--grpc-port", "9", check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        == "branchserve serve: grpc_port 9: gRPC needs pip install 'branchserve[grpc]' (No module named 'grpc')"
+    )
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,8 @@ def test_server_moves_down_the_ladder_under_load_and_back_up(tiny_repo: Path) ->
     ladder = '{"p99_ms": 25, "risk": 0.05, "max_disagreement": [0.1, 0.3]}'
     flags = ["--ladder", ladder, "--operating-point", '{"point": "final"}', "--inference-threads", "1"]
     with running_server(tiny_repo, *flags, "--log-level", "warning") as server, server.client() as client:
-        name = client.get("/v1/models").json()[0]["name"]
+        listed = client.get("/v1/models").json()[0]
+        name, version = listed["name"], str(listed["version"])
         path = f"/v1/models/{name}/predict"
         body = orjson.dumps({"inputs": np.zeros((64, 784), np.float32).tolist()})
         point = client.get(f"/v1/models/{name}/operating-point").json()
@@ -154,8 +155,10 @@ def test_server_moves_down_the_ladder_under_load_and_back_up(tiny_repo: Path) ->
         laddered = [b for b in answered if b["source"] == "ladder"]
         assert laddered and all(b["rung"] >= 1 and b["guarantee"]["epsilon"] in (0.1, 0.3) for b in laddered)
         m = metric_samples(client)
-        assert m[("branchserve_ladder_moves_total", (("direction", "down"), ("model", name)))] >= 1
-        assert m[("branchserve_latency_objective_seconds", (("model", name),))] == 0.025
+        assert (
+            m[("branchserve_ladder_moves_total", (("direction", "down"), ("model", name), ("version", version)))] >= 1
+        )
+        assert m[("branchserve_latency_objective_seconds", (("model", name), ("version", version)))] == 0.025
         deadline = time.monotonic() + 4 * HOLD_S + 10
         while time.monotonic() < deadline:  # calm traffic: the ladder climbs back to the server's point
             r = client.post(path, content=body, headers={"content-type": "application/json"})
@@ -165,6 +168,6 @@ def test_server_moves_down_the_ladder_under_load_and_back_up(tiny_repo: Path) ->
             time.sleep(0.05)
         assert budget["rung"] == 0 and budget["source"] == "server"
         m = metric_samples(client)
-        assert m[("branchserve_ladder_rung", (("model", name),))] == 0
-        assert m[("branchserve_ladder_moves_total", (("direction", "up"), ("model", name)))] >= 1
-        assert m[("branchserve_served_epsilon_ratio", (("model", name),))] == 0.0
+        assert m[("branchserve_ladder_rung", (("model", name), ("version", version)))] == 0
+        assert m[("branchserve_ladder_moves_total", (("direction", "up"), ("model", name), ("version", version)))] >= 1
+        assert m[("branchserve_served_epsilon_ratio", (("model", name), ("version", version)))] == 0.0

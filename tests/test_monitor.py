@@ -20,7 +20,7 @@ from branchserve.repo.points import Choice, cheapest_meeting
 from branchserve.repo.quality import PointCheck, QualityCheck, disagreements
 from branchserve.repo.sequences import RateSequence
 from branchserve.server.metrics import Metrics
-from branchserve.server.monitor import ExitMonitor
+from branchserve.server.monitor import ExitMonitor, MonitorSettings
 from branchserve.server.runtime import ModelRuntime, Trace
 
 EPSILON, ALPHA = 0.02, 0.05
@@ -133,7 +133,8 @@ def test_actions_say_what_serves_for_an_alarmed_rung(tiny_repo: Path, action: st
     runtime = ModelRuntime(manifest, version_dir)
     rungs = [Choice.of(cheapest_certified(manifest, "disagreement", eps, 0.05)[0]) for eps in (0.05, 0.1, 0.3)]
     full = Choice.of(cheapest_meeting(manifest, 0))
-    monitor = ExitMonitor(runtime, 0.5, ALPHA, action, full, Metrics(), idle=lambda: True)
+    monitor = ExitMonitor(runtime, MonitorSettings(0.5, ALPHA, action), Metrics(), idle=lambda: True)
+    assert monitor.full_depth == full
     monitor.watch(rungs)
     assert [monitor.serving(rungs, r) for r in range(3)] == [None, None, None]  # no alarm: every rung serves
     monitor.check.points[1].alarmed = True
@@ -164,10 +165,11 @@ def test_server_alarms_on_shifted_traffic_serves_full_depth_and_recovers(tiny_re
     images, _ = sample_images(400)
     letters = glyphs(images[:300], np.random.default_rng(4))
     with running_server(tiny_repo, *flags, "--log-level", "warning") as server, server.client() as client:
-        name = client.get("/v1/models").json()[0]["name"]
+        listed = client.get("/v1/models").json()[0]
+        name, version = listed["name"], str(listed["version"])
         path = f"/v1/models/{name}/predict"
         point = client.get(f"/v1/models/{name}/operating-point").json()["name"]
-        alarm = ("branchserve_monitor_alarm", (("model", name), ("point", point)))
+        alarm = ("branchserve_monitor_alarm", (("model", name), ("point", point), ("version", version)))
 
         def send(batch: np.ndarray, full_depth: bool = False) -> list[dict]:
             return [answer(client, path + ("?max_accuracy_drop=0" if full_depth else ""), encode(i)) for i in batch]
@@ -180,10 +182,12 @@ def test_server_alarms_on_shifted_traffic_serves_full_depth_and_recovers(tiny_re
         shifted = send(letters[:5])
         assert all(a["budget"]["source"] == "monitor" and a["budget"]["guarantee"]["epsilon"] == 0.0 for a in shifted)
         m = metric_samples(client)
-        assert m[("branchserve_monitor_alarms_total", (("model", name), ("point", point)))] == 1
-        assert m[("branchserve_monitor_sampled_inputs_total", (("model", name),))] >= 300
-        assert m[("branchserve_monitor_compute_macs_total", (("model", name),))] > 0
-        assert m[("branchserve_monitor_epsilon_ratio", (("model", name), ("point", point)))] == 0.05
+        assert m[("branchserve_monitor_alarms_total", (("model", name), ("point", point), ("version", version)))] == 1
+        assert m[("branchserve_monitor_sampled_inputs_total", (("model", name), ("version", version)))] >= 300
+        assert m[("branchserve_monitor_compute_macs_total", (("model", name), ("version", version)))] > 0
+        assert (
+            m[("branchserve_monitor_epsilon_ratio", (("model", name), ("point", point), ("version", version)))] == 0.05
+        )
         # Traffic the point answers as the final exit does: its upper bound falls under ε within a few hundred.
         finals = send(images, full_depth=True)
         agreeing = images[

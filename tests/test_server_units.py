@@ -17,10 +17,14 @@ from branchserve.repo.frontier import expected_cost
 from branchserve.repo.loading import load_repository
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Policy, cheapest_meeting, choose, most_accurate_within
+from branchserve.server.admission import Admission
+from branchserve.server.app import predict_url
 from branchserve.server.budget import Budget
 from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
 from branchserve.server.errors import RequestError
+from branchserve.server.metrics import Metrics
+from branchserve.server.predictor import DeadlineError, PredictError, PredictRequest, ServedModel
 from branchserve.server.runtime import ModelRuntime, StageClock
 from branchserve.server.settings import Settings
 
@@ -104,6 +108,24 @@ def test_max_exit_and_deadline(runtime: ModelRuntime, inputs: np.ndarray) -> Non
     assert not later.deadline_stopped and len(later.stage_seconds) == n
 
 
+def test_deadlines_that_cannot_be_met_are_refused_before_any_stage(runtime: ModelRuntime, inputs: np.ndarray) -> None:
+    """Too short for the first stage even on an idle host: PredictError (422). Passed while the
+    request waited: DeadlineError (503). Tight but possible: stops between stages."""
+    served = ServedModel(runtime, Policy(max_accuracy_drop=0), Metrics())
+    first_ms = runtime.clock.idle_time(0, len(inputs)) * 1e3
+
+    def request(deadline_ms: float) -> PredictRequest:
+        return PredictRequest(lambda: inputs, Budget(deadline_ms=deadline_ms), probabilities=False, light=False)
+
+    with pytest.raises(PredictError, match="shorter than the first stage"):
+        served.predict(request(first_ms / 2), time.perf_counter())
+    waited_long = time.perf_counter() - 1.0  # received a second ago
+    with pytest.raises(DeadlineError, match="passed"):
+        served.predict(request(100.0), waited_long)
+    ok = served.predict(request(60_000.0), time.perf_counter())
+    assert ok.deadline_missed is False and len(ok.outcome.stage_seconds) == runtime.num_exits
+
+
 def test_stage_clock_follows_slowdowns() -> None:
     clock = StageClock([(0.001, 0.0001)])
     base = clock.worst_case(0, 1)
@@ -164,3 +186,54 @@ def test_contract_server_and_command_never_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     count, heavy = out.stdout.split(" ", 1)
     assert int(count) > 100 and heavy.strip() == "[]"
+
+
+def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits up to max_wait pass until requests have kept waiting past the target for an interval;
+    then only the target passes until one starts within it. The door refuses when the work already
+    in would outlast the allowed wait, priced by the mean work time, which a huge batch cannot blow up."""
+    now = [100.0]
+    monkeypatch.setattr("branchserve.server.admission.time.perf_counter", lambda: now[0])
+    a = Admission(max_in_flight=8, max_wait_s=0.015, target_s=0.005, interval_s=0.1, metrics=Metrics())
+    a.start(("m", "1"), now[0] - 0.010)  # waited 10 ms: allowed (no queue stands yet)
+    assert not a.standing and a.wait_limit() == 0.015
+    now[0] += 0.2  # no request started within the target since: a queue stands
+    assert a.standing and a.wait_limit() == 0.005
+    with pytest.raises(RequestError) as shed:
+        a.start(("m", "1"), now[0] - 0.006)
+    assert shed.value.status == 503 and shed.value.headers == {"Retry-After": "1"}
+    a.start(("m", "1"), now[0] - 0.001)  # one started within the target: the queue no longer stands
+    assert not a.standing
+    for _ in range(3):
+        a.arrived()
+    a.service_s = 0.004
+    assert not a.refuse_at_door()  # 3 × 4 ms = 12 ms < 15 ms
+    a.arrived()
+    assert a.refuse_at_door()  # 16 ms of work already in
+    started = now[0]
+    now[0] += 5.0  # a 5 s batch counts as at most max_wait
+    a.finished(started)
+    assert a.service_s == pytest.approx(0.004 + 0.05 * (0.015 - 0.004))
+    for _ in range(4):
+        a.left()
+    assert a.in_flight == 0 and not a.refuse_at_door()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (b"/v1/models/m/predict", ("m", None)),
+        (b"/v1/models/m/predict?deadline_ms=2", ("m", None)),
+        (b"/v1/models/m/versions/3/predict", ("m", "3")),
+        (b"/v2/models/m/infer", ("m", None)),
+        (b"/v2/models/m/versions/3/infer", ("m", "3")),
+        (b"/v2/models/m/predict", None),
+        (b"/v1/models/m/infer", None),
+        (b"/v2/models/m/ready", None),
+        (b"/v2/models/m/other/3/infer", None),
+        (b"/v2/repository/models/m/load", None),
+    ],
+)
+def test_the_door_knows_every_predict_url(url: bytes, named: tuple[str, str | None] | None) -> None:
+    """The connection counts and may refuse exactly the predict requests of both APIs."""
+    assert predict_url(url) == named

@@ -35,8 +35,8 @@ class Outcome:
     latency_ms: list[float] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
     request: list[int] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)
     retry_after: int = 0  # 503s that carried Retry-After
+    bodies: list[bytes] | None = None  # every response body, in `status` order, when asked to keep them
 
     def summary(self, rate: float, duration_s: float) -> dict[str, object]:
         ok = [ms for ms, s in zip(self.latency_ms, self.status, strict=True) if s == 200]
@@ -58,10 +58,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def request_bytes(host: str, path: str, body: bytes, content_type: str) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
+def request_bytes(host: str, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     return head.encode() + body
 
 
@@ -91,7 +90,7 @@ async def run(
     keep_bodies: bool = False,
 ) -> Outcome:
     """Send `rate` requests/s for `duration_s`, cycling through `requests`, on up to `connections` connections."""
-    out = Outcome()
+    out = Outcome(bodies=[] if keep_bodies else None)
     idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection(host, port))
@@ -111,9 +110,9 @@ async def run(
         out.latency_ms.append((time.perf_counter() - at) * 1e3)
         out.status.append(status)
         out.request.append(index)
-        if keep_bodies:
-            out.bodies.append(answer)
         out.retry_after += retry
+        if out.bodies is not None:
+            out.bodies.append(answer)
 
     start = time.perf_counter() + 0.05
     tasks = []

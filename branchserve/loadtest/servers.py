@@ -35,16 +35,49 @@ def free_port() -> int:
         return port
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (fields 14 and 15 of /proc/<pid>/stat)."""
+def _stat(pid: int | str) -> list[str]:
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and every process below it (a server's workers)
+    (fields 14 and 15 of /proc/<pid>/stat; a child's parent is field 4)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat(entry.name)[1]), []).append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # exited while we looked
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = _stat(p)
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        todo += children.get(p, [])
+    return total
 
 
 def branchserve_cmd(repository: Path, port: int, *flags: str) -> list[str]:
-    """`branchserve serve` with this interpreter, so a venv's server runs the venv's code."""
-    return [sys.executable, "-m", "branchserve", "serve", "--repository", str(repository), "--port", str(port), *flags]
+    """`branchserve serve` with this interpreter, so a venv's server runs the venv's code; gRPC is off
+    unless `flags` give a `--grpc-port`, so servers started side by side never race for port 8001."""
+    grpc = [] if "--grpc-port" in flags else ["--grpc-port", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "branchserve",
+        "serve",
+        "--repository",
+        str(repository),
+        "--port",
+        str(port),
+        *grpc,
+        *flags,
+    ]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A model repository on disk: `<root>/<name>/<version>/`; the latest version of each model is served.
+"""A model repository on disk: `<root>/<name>/<version>/`; `versions.py` says which versions are served.
 
 `load_manifest` checks what can be checked without running anything (schema, files, hashes);
 `load_version` adds what only the graphs themselves can say: that every ONNX file really takes
@@ -56,20 +56,30 @@ def load_version(version_dir: Path) -> Manifest:
     return manifest
 
 
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """Every version folder of a model by number; anything not a number (e.g. an export in progress) is ignored."""
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
 def latest_version(model_dir: Path) -> Path:
-    """The highest-numbered version folder; anything not a number (e.g. an export in progress) is ignored."""
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    """The highest-numbered version folder."""
+    versions = version_dirs(model_dir)
     if not versions:
         raise RepositoryError(f"{model_dir}: no version folders (expected {model_dir}/1/manifest.json)")
-    return max(versions, key=lambda p: int(p.name))
+    return versions[max(versions)]
+
+
+def model_dirs(root: Path) -> list[Path]:
+    """The model folders of a repository, by name; refuses a repository that is not a folder."""
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} is not a folder (resolved to {root.resolve()})")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def load_repository(root: Path) -> dict[str, tuple[Manifest, Path]]:
     """Every model in `root` at its latest version, fully checked; refuses an empty or broken repository."""
-    if not root.is_dir():
-        raise RepositoryError(f"model repository {root} is not a folder (resolved to {root.resolve()})")
     models = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model_dir in model_dirs(root):
         version_dir = latest_version(model_dir)
         models[model_dir.name] = (load_version(version_dir), version_dir)
     if not models:

@@ -9,11 +9,12 @@ carries the guarantee a response states.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from branchserve.repo.certify import FULL_DEPTH, cheapest_certified, is_full_depth
 from branchserve.repo.frontier import cheapest_within, expected_cost
@@ -21,51 +22,67 @@ from branchserve.repo.manifest import Guarantee, Manifest, OperatingPoint
 
 
 class Policy(BaseModel):
-    """The server's operating point for a model: give at most one field; none means the manifest's default."""
+    """The server's operating point for a model: at most one field, plus `risk` with a certified target
+    (its JSON Schema says so too: `maxProperties: 2`, `max_disagreement` requires `risk`, no nulls);
+    none means the manifest's default."""
 
     model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"max_accuracy_drop": 0.005}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "maxProperties": 2,
+            "dependentRequired": {"max_disagreement": ["risk"]},
+            "examples": [{"max_accuracy_drop": 0.005}, {"max_disagreement": 0.01, "risk": 0.05}],
+        },
     )
 
-    point: str | None = Field(None, description="a frontier point by name")
-    max_disagreement: float | None = Field(
-        None, ge=0, le=1, description="certified: the cheapest point whose disagreement with the final exit is ≤ this"
-    )
-    max_accuracy_drop: float | None = Field(
+    point: str | SkipJsonSchema[None] = Field(None, description="a frontier point by name")
+    # Constraints go inside Annotated: on the union with SkipJsonSchema, pydantic would write them
+    # into the JSON schema under their own names (ge, gt) instead of minimum, exclusiveMinimum.
+    max_disagreement: Annotated[float, Field(ge=0, le=1)] | SkipJsonSchema[None] = Field(
         None,
-        ge=0,
-        le=1,
+        description="certified (needs `risk`): the cheapest point whose disagreement with the final exit is ≤ this",
+    )
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] | SkipJsonSchema[None] = Field(
+        None,
         description="largest drop below the final exit's accuracy: the cheapest point that meets it "
         "(on validation; certified when `risk` is given)",
     )
-    latency_budget_ms: float | None = Field(
-        None, gt=0, description="expected mean latency per input: the most accurate point that fits"
+    latency_budget_ms: Annotated[float, Field(gt=0)] | SkipJsonSchema[None] = Field(
+        None, description="expected mean latency per input: the most accurate point that fits"
     )
-    thresholds: list[float] | None = Field(
+    thresholds: (
+        Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(min_length=1)] | SkipJsonSchema[None]
+    ) = Field(
         None, description="explicit per-exit thresholds; a sample leaves at exit k when confidence ≥ thresholds[k]"
     )
-    risk: float | None = Field(
+    risk: Annotated[float, Field(gt=0, lt=1)] | SkipJsonSchema[None] = Field(
         None,
-        gt=0,
-        lt=1,
         description="δ of a certified target: the target holds with probability ≥ 1 − δ over calibration",
     )
 
-    @model_validator(mode="after")
-    def _at_most_one(self) -> Policy:
-        given = [k for k, v in self.__dict__.items() if v is not None and k != "risk"]
-        if len(given) > 1:
-            raise ValueError(
-                "give at most one of point, max_disagreement, max_accuracy_drop, latency_budget_ms, thresholds; "
-                f"got {given}"
-            )
-        if self.max_disagreement is not None and self.risk is None:
-            raise ValueError("max_disagreement needs risk: the δ it holds at, e.g. 0.05")
-        if self.risk is not None and self.max_disagreement is None and self.max_accuracy_drop is None:
-            raise ValueError("risk (δ) goes with max_disagreement or max_accuracy_drop")
-        if self.thresholds is not None and not all(math.isfinite(t) and t >= 0 for t in self.thresholds):
-            raise ValueError("thresholds must be finite and non-negative")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _at_most_one(cls, data: object) -> object:
+        if isinstance(data, dict):
+            if nulls := sorted(k for k, v in data.items() if v is None):
+                raise ValueError(f"{', '.join(nulls)}: null is not a value; leave the field out")
+            given = sorted(k for k in data if k != "risk")
+            if len(given) > 1:
+                raise ValueError(
+                    "give at most one of point, max_disagreement, max_accuracy_drop, latency_budget_ms, thresholds; "
+                    f"got {given}"
+                )
+            if "max_disagreement" in data and "risk" not in data:
+                raise ValueError("max_disagreement needs risk: the δ it holds at, e.g. 0.05")
+            if "risk" in data and not {"max_disagreement", "max_accuracy_drop"} & set(data):
+                raise ValueError("risk (δ) goes with max_disagreement or max_accuracy_drop")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Only the fields given: an absent field is absent, not null."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -125,7 +142,7 @@ def choose(manifest: Manifest, policy: Policy, stage_ms: Sequence[float]) -> Cho
         return Choice.of(cheapest_meeting(manifest, policy.max_accuracy_drop))
     if policy.latency_budget_ms is not None:
         return Choice.of(most_accurate_within(manifest, policy.latency_budget_ms, stage_ms))
-    name = policy.point or manifest.default_operating_point
+    name = manifest.default_operating_point if policy.point is None else policy.point
     try:
         return Choice.of(manifest.operating_point(name))
     except KeyError:

@@ -26,7 +26,7 @@ from collections import deque
 from typing import NoReturn
 
 from branchserve.server.errors import RequestError
-from branchserve.server.metrics import Metrics
+from branchserve.server.metrics import Metrics, ModelLabels
 
 RETRY_AFTER = {"Retry-After": "1"}
 SERVICE_STEP = 0.05  # EWMA weight of one request's work time
@@ -89,7 +89,7 @@ class Admission:
         if not self.in_flight:
             self._busy_s += time.perf_counter() - self._busy_from
 
-    def start(self, model: str, ready_at: float) -> float:
+    def start(self, model: ModelLabels, ready_at: float) -> float:
         """A request whose body arrived at `ready_at` is about to start its work: shed it (RequestError 503)
         if it waited too long; otherwise return the time work starts."""
         now = time.perf_counter()
@@ -100,10 +100,14 @@ class Admission:
             self.waiting_since = None
         elif self.waiting_since is None:
             self.waiting_since = now
-        limit = self.wait_limit()
+        self.check_wait(model, ready_at)
+        return now
+
+    def check_wait(self, model: ModelLabels, since: float) -> None:
+        """Shed a request that has waited since `since` longer than a request may wait now."""
+        waited, limit = time.perf_counter() - since, self.wait_limit()
         if waited > limit:
             self.shed(model, f"overloaded: queued {waited * 1e3:.1f} ms, over the {limit * 1e3:g} ms allowed now")
-        return now
 
     def finished(self, started: float) -> None:
         """Learn how long a request's work takes; a large batch counts as at most `max_wait`, so a
@@ -111,6 +115,6 @@ class Admission:
         spent = min(time.perf_counter() - started, self.max_wait)
         self.service_s += SERVICE_STEP * (spent - self.service_s)
 
-    def shed(self, model: str, message: str, outcome: str = "overloaded") -> NoReturn:
-        self.metrics.requests.labels(model, outcome).inc()
+    def shed(self, model: ModelLabels, message: str, outcome: str = "overloaded") -> NoReturn:
+        self.metrics.requests.labels(*model, outcome).inc()
         raise RequestError(503, message, RETRY_AFTER)

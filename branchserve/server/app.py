@@ -1,14 +1,21 @@
 """`create_app`: load and check the repository, build the runtimes, wire routes and error handlers.
 
 Loading happens before the app exists, so a broken repository stops the server with a message
-instead of serving 500s; by the time uvicorn binds, every model is loaded and calibrated.
+instead of serving 500s; by the time uvicorn binds, every model is loaded and calibrated. Three
+front doors share one repository, admission and predictor: the native /v1 routes, the Open
+Inference Protocol's REST routes (server/oip/rest.py) and its gRPC service on `grpc_port`
+(server/oip/grpc_service.py, started with the app when `branchserve[grpc]` is installed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -16,91 +23,91 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
-from branchserve.repo.certify import NotCertified
-from branchserve.repo.loading import load_repository
-from branchserve.repo.points import Choice, cheapest_meeting
+from branchserve.repo.points import Policy
+from branchserve.repo.versions import VersionPolicy
 from branchserve.server import api, docs, probes
 from branchserve.server.admission import Admission
 from branchserve.server.auth import AdminToken, Keys
 from branchserve.server.decoding import Limits, validation_message
-from branchserve.server.errors import RequestError, error_response
-from branchserve.server.ladder import Ladder, certified_rungs
-from branchserve.server.metrics import Metrics
-from branchserve.server.monitor import ExitMonitor
-from branchserve.server.predictor import PredictError, ServedModel
-from branchserve.server.runtime import ModelRuntime
+from branchserve.server.errors import RequestError, error_key, error_response
+from branchserve.server.metrics import Metrics, ModelLabels
+from branchserve.server.monitor import MonitorSettings
+from branchserve.server.oip import repository_api
+from branchserve.server.oip import rest as oip_rest
+from branchserve.server.oip.repository_api import in_background
+from branchserve.server.openapi import strict_schema
+from branchserve.server.predictor import PredictError
+from branchserve.server.repository import ModelRepository, Serving
 from branchserve.server.settings import Settings
 from branchserve.server.state import ServerState
-from branchserve.server.transport import Guard
+from branchserve.server.transport import Guard, install
+from branchserve.server.warmup import warm_up
+from branchserve.server.workers import Change, Peers, RunFolder
 
 log = logging.getLogger("branchserve")
+ROUTERS = (api.router, probes.router, oip_rest.router, repository_api.router)
+
+GRPC_GRACE_S = 5.0  # on shutdown, in-flight gRPC calls get this long to finish
 
 DESCRIPTION = """Early-exit inference: each request runs stage by stage and leaves at the first exit
 confident enough for the operating point in force. See docs/serving.md."""
 
 
-async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names only the first route on the path; name them all
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, str(exc.detail), headers, error_key(request.url.path))
 
 
-async def on_request_error(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in (r for router in ROUTERS for r in router.routes):
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+async def on_request_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestError)
-    return error_response(exc.status, exc.message, exc.headers)
+    return error_response(exc.status, exc.message, exc.headers, error_key(request.url.path))
 
 
-async def on_predict_error(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(422, str(exc))
+async def on_predict_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(422, str(exc), key=error_key(request.url.path))
 
 
-async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    return error_response(400 if errors[0]["type"] == "json_invalid" else 422, validation_message(errors))
+    status = 400 if errors[0]["type"] == "json_invalid" else 422
+    return error_response(status, validation_message(errors), key=error_key(request.url.path))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal error")
+    return error_response(500, "internal error", key=error_key(request.url.path))
 
 
-def ladder_for(runtime: ModelRuntime, settings: Settings, admission: Admission) -> tuple[Ladder, list[Choice]] | None:
-    """The ladder's controller and certified rungs for a model; None when the ladder is off or cannot be built."""
-    spec = settings.ladder_spec
-    if not spec.targets:
-        return None
-    try:
-        rungs = certified_rungs(runtime.manifest, spec)
-    except NotCertified as e:
-        log.warning("no load-adaptive ladder for %s: %s", runtime.manifest.name, e)
-        return None
-    return Ladder(spec.p99_ms / 1e3, admission), rungs
-
-
-def monitor_for(runtime: ModelRuntime, settings: Settings, admission: Admission, metrics: Metrics) -> ExitMonitor:
-    cores = settings.inference_threads
-    full_depth = Choice.of(cheapest_meeting(runtime.manifest, 0))
-    return ExitMonitor(
-        runtime,
-        settings.monitor_fraction,
-        settings.monitor_risk,
-        settings.monitor_action,
-        full_depth,
+def served_repository(settings: Settings, metrics: Metrics, admission: Admission) -> ModelRepository:
+    """The repository at `settings.repository`, every model loaded as the version policy says."""
+    workers = settings.workers if RunFolder.of_this_worker() else 1
+    monitor = MonitorSettings(settings.monitor_fraction, settings.monitor_risk / workers, settings.monitor_action)
+    serving = Serving(
+        settings.policy,
+        settings.intra_op_threads,
         metrics,
-        idle=lambda: admission.in_flight < cores,
+        admission,
+        settings.ladder_spec,
+        monitor,
+        settings.inference_threads,
     )
-
-
-def load_models(settings: Settings, metrics: Metrics, admission: Admission) -> dict[str, ServedModel]:
-    models = {}
-    for name, (manifest, version_dir) in load_repository(settings.repository).items():
-        runtime = ModelRuntime(manifest, version_dir, settings.intra_op_threads)
-        ladder = ladder_for(runtime, settings, admission)
-        monitor = monitor_for(runtime, settings, admission, metrics)
-        models[name] = ServedModel(runtime, settings.policy, metrics, ladder, monitor)
-        log.info("serving %s/%s from %s (%d exits)", name, manifest.version, version_dir, runtime.num_exits)
-    return models
+    repository = ModelRepository(settings.repository, settings.versions, serving)
+    repository.load_all()
+    return repository
 
 
 def server_state(settings: Settings) -> ServerState:
@@ -120,24 +127,57 @@ def server_state(settings: Settings) -> ServerState:
         "need the admin token" if admin.token else "disabled (no BRANCHSERVE_ADMIN_TOKEN)",
         "need an API key" if keys.required else "open to every client (no API keys)",
     )
-    models = load_models(settings, metrics, admission)
-    return ServerState(settings, models, metrics, admission, limits, keys, admin)
+    peers = Peers(RunFolder.of_this_worker(), settings.workers)
+    repository = served_repository(settings, metrics, admission)
+    return ServerState(settings, repository, metrics, admission, limits, keys, admin, peers)
+
+
+async def apply_change(server: ServerState, change: Change) -> None:
+    """An admin change another worker made and published (server/workers.py): make it here too."""
+    name, op = change["model"], change["op"]
+    if op == "policy":
+        server.repository.set_policy(name, Policy.model_validate(change["policy"]))
+    elif op == "load":
+        policy = None if change["version_policy"] is None else VersionPolicy.model_validate(change["version_policy"])
+        await in_background(server.repository.load, name, policy)
+    elif op == "unload":
+        await anyio.to_thread.run_sync(server.repository.unload, name)
+    log.info("worker %d: applied %s of %s from worker %s", os.getpid(), op, name, change["by"])
+
+
+PREDICT_ENDS = {(b"v1", b"predict"), (b"v2", b"infer")}  # (API, last path segment) of a predict URL
+
+
+def predict_url(url: bytes) -> tuple[str, str | None] | None:
+    """(model, version or None) of a predict URL: /v1/models/{name}[/versions/{v}]/predict or
+    /v2/models/{name}[/versions/{v}]/infer; None for any other."""
+    parts = url.partition(b"?")[0].split(b"/")  # b"", b"v1", b"models", name, [b"versions", v,] b"predict"
+    if len(parts) not in (5, 7) or parts[2] != b"models" or (parts[1], parts[-1]) not in PREDICT_ENDS:
+        return None
+    if len(parts) == 7 and parts[4] != b"versions":
+        return None
+    version = parts[5].decode("latin-1") if len(parts) == 7 else None
+    return parts[3].decode("latin-1"), version
 
 
 def connection_guard(app: FastAPI) -> Guard:
     """The connection-level limits of `app`'s settings, and its admission at the door."""
     server: ServerState = app.state.server
-    admission, metrics, models, settings = server.admission, server.metrics, server.models, server.settings
+    admission, metrics, settings = server.admission, server.metrics, server.settings
 
-    def predict_model(url: bytes) -> str | None:
-        parts = url.partition(b"?")[0].split(b"/")  # b"", b"v1", b"models", name, b"predict"
-        name = parts[3].decode("latin-1") if len(parts) == 5 and parts[4] == b"predict" else None
-        return name if name in models else None
+    def predict_model(url: bytes) -> ModelLabels | None:
+        named = predict_url(url)
+        if named is None:
+            return None
+        try:
+            return server.model(*named).labels
+        except RequestError:
+            return None  # the route answers 404
 
-    def refuse(model: str) -> bool:
+    def refuse(model: ModelLabels) -> bool:
         if not admission.refuse_at_door():
             return False
-        metrics.requests.labels(model, "overloaded").inc()
+        metrics.requests.labels(*model, "overloaded").inc()
         return True
 
     return Guard(
@@ -145,26 +185,51 @@ def connection_guard(app: FastAPI) -> Guard:
     )
 
 
+def optional_grpc(settings: Settings) -> ModuleType | None:
+    """The gRPC service module when a port is set and `branchserve[grpc]` is installed; a port asked for
+    explicitly without it is an error, the default port without it a log line."""
+    if settings.grpc_port == 0:
+        return None
+    try:
+        from branchserve.server.oip import grpc_service
+    except ImportError as e:
+        if "grpc_port" in settings.model_fields_set:
+            raise ValueError(
+                f"grpc_port {settings.grpc_port}: gRPC needs pip install 'branchserve[grpc]' ({e})"
+            ) from None
+        log.info("gRPC off: %s is not installed (pip install 'branchserve[grpc]')", e.name)
+        return None
+    return grpc_service
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    grpc_service = optional_grpc(settings)  # before loading: a missing extra is a quick error
     server = server_state(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         server.limiter = anyio.CapacityLimiter(settings.inference_threads)
-        monitors = [m.monitor for m in server.models.values() if m.monitor is not None]
-        for monitor in monitors:
-            monitor.start()
-        yield
-        for monitor in monitors:
-            monitor.stop()
+        grpc = None if grpc_service is None else await grpc_service.start(server, settings.host, settings.grpc_port)
+        following = asyncio.create_task(server.peers.follow(partial(apply_change, server)))
+        await warm_up(app)
+        server.peers.mark_ready()
+        try:
+            yield
+        finally:
+            server.peers.leave()
+            following.cancel()
+            if grpc is not None:
+                await grpc.stop(GRPC_GRACE_S)
+            server.repository.close()
+            server.metrics.leave()
 
     app = FastAPI(
         title="branchserve", description=DESCRIPTION, version="1", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.server = server
-    app.include_router(api.router)
-    app.include_router(probes.router)
+    for router in ROUTERS:
+        app.include_router(router)
     docs.mount(app)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestError, on_request_error)
@@ -172,18 +237,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
 
+    schema_of = [-1]  # the repository generation the cached schema describes
+
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema plus the body schemas that predict documents but does not parse with pydantic."""
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = FastAPI.openapi(app)  # makes and keeps app.openapi_schema, this same dict
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in api.DOC_SCHEMAS:
-            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(doc.pop("$defs", {}))
-            components[model.__name__] = doc
-        return schema
+        if app.openapi_schema is None or schema_of[0] != server.repository.generation:
+            app.openapi_schema, schema_of[0] = None, server.repository.generation
+            app.openapi_schema = strict_schema(app, list(server.repository.served()))
+        return app.openapi_schema
 
     # FastAPI's documented way to extend the schema is to replace this method on the instance.
     app.openapi = openapi  # type: ignore[method-assign]
+    install(connection_guard(app))  # for this process's connections (server/transport.py)
     return app
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (`branchserve serve --workers N`): its settings come from the
+    BRANCHSERVE_* variables the supervisor set."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")
+    return create_app(Settings())

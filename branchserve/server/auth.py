@@ -24,7 +24,12 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 def presented(request: Request) -> bytes | None:
     """The bearer token of `Authorization: Bearer <token>`, as the bytes the client sent."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return bearer(request.headers.get("authorization", ""))
+
+
+def bearer(authorization: str) -> bytes | None:
+    """The token of an `Authorization` value `Bearer <token>`, if it is one."""
+    scheme, _, token = authorization.partition(" ")
     return token.strip().encode("latin-1") if scheme.lower() == "bearer" and token.strip() else None
 
 
@@ -57,6 +62,10 @@ class Keys:
 
     def check(self, request: Request) -> None:
         """401 unless the request carries one of the keys (nothing to check when none are configured)."""
+        self.check_token(presented(request))
+
+    def check_token(self, token: bytes | None) -> None:
+        """As `check`, for a bearer token presented some other way (gRPC metadata)."""
         if not self.required:
             return
         now = time.monotonic()
@@ -64,7 +73,7 @@ class Keys:
             self.checked = now
             with contextlib.suppress(OSError):  # a file being replaced: keep the keys read last
                 self._reload()
-        if not matches(presented(request), self.fixed + self.from_file):
+        if not matches(token, self.fixed + self.from_file):
             raise RequestError(401, "missing or unknown API key: send Authorization: Bearer <key>", CHALLENGE)
 
 

@@ -15,8 +15,9 @@ class Budget(BaseModel):
         None,
         gt=0,
         le=60_000,
-        description="stop before a stage whose predicted time would overrun it and answer with the deepest exit so far "
-        "(the first stage always runs)",
+        description="stop before a stage whose predicted time would overrun it and answer with the deepest exit so far; "
+        "a deadline shorter than the first stage alone is refused (422), one that passes while the request waits "
+        "gets 503 + Retry-After",
     )
     max_exit: int | None = Field(None, ge=0, description="deepest exit allowed to answer")
     max_accuracy_drop: float | None = Field(

@@ -95,7 +95,8 @@ class Limits:
 
 
 def parse_json(body: bytes, query: Mapping[str, str], spec: InputSpec, limits: Limits) -> PredictRequest:
-    """`{"inputs": ..., "budget": {...}, "probabilities": bool}`; a body budget replaces the query's.
+    """`{"inputs": ..., "budget": {...}, "probabilities": bool}`; a field of the body's budget
+    overrides the same query parameter.
     The budget is validated strictly: `true` is not a number, whatever Python thinks."""
     budget, probabilities = query_options(query)
     try:
@@ -112,9 +113,10 @@ def parse_json(body: bytes, query: Mapping[str, str], spec: InputSpec, limits: L
         raise RequestError(422, "probabilities: must be true or false")
     if doc.get("budget") is not None:
         try:
-            budget = Budget.model_validate(doc["budget"], strict=True)
+            own = Budget.model_validate(doc["budget"], strict=True)
         except ValidationError as e:
             raise RequestError(422, validation_message(e.errors(), "budget")) from None
+        budget = budget.model_copy(update=own.model_dump(exclude_unset=True))  # the body's fields win
     x = array_batch(doc["inputs"], spec, limits.max_batch)
     return PredictRequest(lambda: x, budget, doc.get("probabilities", False) or probabilities, light=len(x) == 1)
 

@@ -1,4 +1,5 @@
-"""Errors a client caused, and the one JSON shape every error answer has: `{"detail": "..."}`."""
+"""Errors a client caused, and the JSON shape of every error answer: `{"detail": "..."}` on the native
+API, `{"error": "..."}` under /v2, as the Open Inference Protocol has it."""
 
 from __future__ import annotations
 
@@ -15,5 +16,12 @@ class RequestError(ValueError):
         self.status, self.message, self.headers = status, message, headers
 
 
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": message}, status, headers=headers)
+def error_key(path: str) -> str:
+    """The field an error answer to a request for `path` puts its message in."""
+    return "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+
+
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None, key: str = "detail"
+) -> JSONResponse:
+    return JSONResponse({key: message}, status, headers=headers)

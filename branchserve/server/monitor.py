@@ -25,13 +25,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from branchserve.repo.points import Choice
+from branchserve.repo.points import Choice, cheapest_meeting
 from branchserve.repo.quality import PointCheck, QualityCheck
-from branchserve.server.metrics import Metrics
+from branchserve.server.metrics import Metrics, ModelLabels
 from branchserve.server.runtime import ModelRuntime, Trace
 
 log = logging.getLogger("branchserve")
@@ -39,27 +40,35 @@ log = logging.getLogger("branchserve")
 Action = Literal["alert", "stricter", "full"]
 QUEUE = 256  # sampled requests waiting for a free core
 IDLE_POLL_S = 0.002
+BOUNDS_EVERY_S = 1.0  # the thread publishes the bounds this often (and on every alarm or recovery)
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """`fraction` of inputs sampled; `alpha`: this process's chance of any false alarm (with several workers,
+    the server's `monitor_risk` over the number of workers, so the chance that any worker raises a false
+    alarm stays at most `monitor_risk`); `action` on an alarm."""
+
+    fraction: float
+    alpha: float
+    action: Action
 
 
 class ExitMonitor:
     def __init__(
-        self,
-        runtime: ModelRuntime,
-        fraction: float,
-        alpha: float,
-        action: Action,
-        full_depth: Choice,
-        metrics: Metrics,
-        idle: Callable[[], bool],
+        self, runtime: ModelRuntime, settings: MonitorSettings, metrics: Metrics, idle: Callable[[], bool]
     ) -> None:
-        self.runtime, self.fraction, self.action, self.full_depth = runtime, fraction, action, full_depth
+        """`idle()`: whether a core is free for a sample now."""
+        self.runtime, self.fraction, self.action = runtime, settings.fraction, settings.action
+        self.full_depth = Choice.of(cheapest_meeting(runtime.manifest, 0))
         self.name, self.metrics, self.idle = runtime.manifest.name, metrics, idle
-        self.check = QualityCheck(alpha)
+        self.labels: ModelLabels = (self.name, str(runtime.manifest.version))
+        self._bounds_at = 0.0  # when the thread last published the bounds
+        self.check = QualityCheck(settings.alpha)
         self._jobs: queue.Queue[Trace] = queue.Queue(QUEUE)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        metrics.before_render(self.publish_bounds)
 
     def watch(self, rungs: Sequence[Choice]) -> None:
         """Check these rungs; each with a disagreement certificate is tested against its ε."""
@@ -69,11 +78,11 @@ class ExitMonitor:
             points.append((c.name, c.thresholds, g.epsilon if g is not None and g.risk == "disagreement" else None))
         with self._lock:
             self.check.watch(points)
-            self.metrics.watch_points(self.name, [(p.name, p.epsilon) for p in self.check.points])
+            self.metrics.watch_points(self.labels, [(p.name, p.epsilon) for p in self.check.points])
 
     def publish_bounds(self) -> None:
         with self._lock:
-            self.metrics.set_checks(self.name, self.check.points, bounds=True)
+            self.metrics.set_checks(self.labels, self.check.points, bounds=True)
 
     def trace(self, n: int) -> Trace | None:
         """A trace of the rows of an n-input request picked for checking, or None (most requests)."""
@@ -84,7 +93,7 @@ class ExitMonitor:
         try:
             self._jobs.put_nowait(trace)
         except queue.Full:
-            self.metrics.monitor_dropped.labels(self.name).inc(len(trace.rows))
+            self.metrics.monitor_dropped.labels(*self.labels).inc(len(trace.rows))
 
     def serving(self, rungs: Sequence[Choice], rung: int) -> Choice | None:
         """What serves instead of `rungs[rung]` under the action while rungs are alarmed; None: serve it."""
@@ -99,11 +108,16 @@ class ExitMonitor:
         return self.full_depth
 
     def start(self) -> None:
+        self.metrics.before_render(self.publish_bounds)
         if self.fraction > 0:
-            self._thread = threading.Thread(target=self._work, name=f"monitor-{self.name}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._work, name=f"monitor-{self.name}-{self.labels[1]}", daemon=True
+            )
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread and publishing (a version no longer served, or the server stopping)."""
+        self.metrics.stop_refreshing(self.publish_bounds)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -131,8 +145,10 @@ class ExitMonitor:
         extra = float((macs[last] - macs[trace.reached]).sum())
         with self._lock:
             events = self.check.observe(trace.confidence, trace.classes)
-            self.metrics.observe_monitor(self.name, len(trace.rows), time.perf_counter() - started, extra)
-            self.metrics.set_checks(self.name, self.check.points, bounds=False)
+            self.metrics.observe_monitor(self.labels, len(trace.rows), time.perf_counter() - started, extra)
+            bounds = bool(events) or started - self._bounds_at > BOUNDS_EVERY_S
+            self.metrics.set_checks(self.labels, self.check.points, bounds)
+            self._bounds_at = started if bounds else self._bounds_at
         for point, event in events:
             self._announce(point, event)
 
@@ -140,12 +156,12 @@ class ExitMonitor:
         seen = point.evidence
         assert seen is not None and point.epsilon is not None
         if event == "alarm":
-            self.metrics.monitor_alarms.labels(self.name, point.name).inc()
+            self.metrics.monitor_alarms.labels(*self.labels, point.name).inc()
             log.warning(
                 "exit-quality alarm: %s point %s disagrees with the final exit on at least %.4f of inputs "
                 "(anytime-valid lower bound at level %.3g, %d samples, %.4f seen), above its certified ε %.4g; "
                 "action: %s",
-                self.name,
+                "/".join(self.labels),
                 point.name,
                 seen.lower(),
                 point.alpha,
@@ -157,7 +173,7 @@ class ExitMonitor:
         else:
             log.warning(
                 "exit-quality recovered: %s point %s disagrees on at most %.4f (upper bound, %d samples), under ε %.4g",
-                self.name,
+                "/".join(self.labels),
                 point.name,
                 seen.upper(),
                 seen.trials,

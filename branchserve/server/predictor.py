@@ -24,7 +24,7 @@ from branchserve.repo.points import Choice, Policy, cheapest_meeting, choose
 from branchserve.repo.tensors import FloatArray
 from branchserve.server.budget import Budget
 from branchserve.server.ladder import Ladder
-from branchserve.server.metrics import Metrics
+from branchserve.server.metrics import Metrics, ModelLabels
 from branchserve.server.monitor import ExitMonitor
 from branchserve.server.runtime import ModelRuntime, Outcome
 
@@ -38,7 +38,7 @@ class PredictError(ValueError):
 
 
 class DeadlineError(RuntimeError):
-    """A request's deadline leaves too little time for even the first stage: answered at once, not late."""
+    """A request's deadline passed while it waited to start: answered at once (503), never computed late."""
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,25 @@ class ServedModel:
         self.runtime = runtime
         self.manifest = runtime.manifest
         self.name = self.manifest.name
+        self.version = self.manifest.version
+        self.labels: ModelLabels = (self.name, str(self.version))  # of its metric series
         self.metrics = metrics
         self.full_macs = float(runtime.cumulative_macs[-1])
         self.ladder: Ladder | None = ladder[0] if ladder else None
         self._ladder_rungs: list[Choice] = ladder[1] if ladder else []
         self.monitor = monitor
-        metrics.add_model(self.name, runtime.num_exits)
+        metrics.add_model(self.labels, runtime.num_exits)
         self._lock = threading.Lock()
         self.policy = policy
         self.set_policy(policy)
         if self.ladder is not None:
-            metrics.latency_objective.labels(self.name).set(self.ladder.objective_s)
+            metrics.latency_objective.labels(*self.labels).set(self.ladder.objective_s)
             self.ladder.priced_by(lambda: [self._stage_ms(c) for c in self.rungs])
+
+    def close(self) -> None:
+        """No longer served: the monitor's thread stops (requests that hold this version still finish)."""
+        if self.monitor is not None:
+            self.monitor.stop()
 
     def set_policy(self, policy: Policy, unless_changed_from: Policy | None = None) -> Choice:
         """Adopt a policy (ValueError if it does not fit this model) and publish its thresholds."""
@@ -102,7 +109,7 @@ class ServedModel:
                 if self.monitor is not None:
                     self.monitor.watch(self.rungs)
                 self._publish_rung(0 if self.ladder is None else self.ladder.rung)
-                self.metrics.set_thresholds(self.name, choice.thresholds, self.expected_saved(choice))
+                self.metrics.set_thresholds(self.labels, choice.thresholds, self.expected_saved(choice))
             return self.choice
 
     def current(self) -> Choice:
@@ -142,12 +149,7 @@ class ServedModel:
         x = request.inputs()
         choice, source, rung = self._thresholds(budget)
         max_exit = last if budget.max_exit is None else budget.max_exit
-        deadline_at = None if budget.deadline_ms is None else started + budget.deadline_ms / 1e3
-        if deadline_at is not None and time.perf_counter() + self.runtime.clock.worst_case(0, len(x)) > deadline_at:
-            left_ms = (deadline_at - time.perf_counter()) * 1e3
-            if left_ms <= 0:
-                raise DeadlineError(f"deadline passed {-left_ms:.2f} ms ago, before the request could start")
-            raise DeadlineError(f"deadline cannot be met: {left_ms:.2f} ms left, the first stage alone needs more")
+        deadline_at = None if budget.deadline_ms is None else self._deadline(budget.deadline_ms, len(x), started)
         trace = None if self.monitor is None else self.monitor.trace(len(x))
         outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at, trace)
         if trace is not None and self.monitor is not None:
@@ -158,33 +160,47 @@ class ServedModel:
         self._steer(len(x))
         return Result(self.manifest, outcome, choice, source, rung, budget, request.probabilities, latency, missed)
 
+    def _deadline(self, deadline_ms: float, rows: int, started: float) -> float:
+        """The instant a deadline falls due; refuses one no answer could meet (PredictError) and one
+        that passed while the request waited (DeadlineError): neither is ever computed late."""
+        first_ms = self.runtime.clock.idle_time(0, rows) * 1e3
+        if deadline_ms < first_ms:
+            raise PredictError(
+                f"budget.deadline_ms: {deadline_ms:g} ms is shorter than the first stage alone takes here "
+                f"({first_ms:.2f} ms for {rows} input(s)), so no answer could meet it"
+            )
+        late_ms = (time.perf_counter() - started) * 1e3 - deadline_ms
+        if late_ms >= 0:
+            raise DeadlineError(f"deadline passed {late_ms:.2f} ms ago, while the request waited to start")
+        return started + deadline_ms / 1e3
+
     def _steer(self, inputs: int) -> None:
         """Count a request for the ladder; publish a move."""
         if self.ladder is None:
             return
         before = self.ladder.rung
         moved_to = self.ladder.observe(inputs)
-        self.metrics.utilisation.labels(self.name).set(self.ladder.utilisation)
+        self.metrics.utilisation.labels(*self.labels).set(self.ladder.utilisation)
         if moved_to is not None:
-            self.metrics.ladder_moves.labels(self.name, "down" if moved_to > before else "up").inc()
+            self.metrics.ladder_moves.labels(*self.labels, "down" if moved_to > before else "up").inc()
             self._publish_rung(moved_to)
 
     def _publish_rung(self, rung: int) -> None:
         rung = min(rung, len(self.rungs) - 1)
         guarantee = self.rungs[rung].guarantee
-        self.metrics.ladder_rung.labels(self.name).set(rung)
-        self.metrics.served_epsilon.labels(self.name).set(math.nan if guarantee is None else guarantee.epsilon)
+        self.metrics.ladder_rung.labels(*self.labels).set(rung)
+        self.metrics.served_epsilon.labels(*self.labels).set(math.nan if guarantee is None else guarantee.epsilon)
 
     def _observe(self, outcome: Outcome, latency: float, source: Source, rung: int | None, missed: bool | None) -> None:
-        m, name, exits = self.metrics, self.name, outcome.exits
-        m.observe_run(name, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
-        m.requests.labels(name, "ok").inc()
-        m.request_seconds.labels(name).observe(latency)
+        m, labels, exits = self.metrics, self.labels, outcome.exits
+        m.observe_run(labels, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
+        m.requests.labels(*labels, "ok").inc()
+        m.request_seconds.labels(*labels).observe(latency)
         if rung is not None:
-            m.rung_requests.labels(name, str(rung)).inc()
+            m.rung_requests.labels(*labels, str(rung)).inc()
         if source == "monitor":
-            m.monitor_substituted.labels(name).inc()
+            m.monitor_substituted.labels(*labels).inc()
         if missed is not None:
-            m.deadline_requests.labels(name).inc()
-            m.deadline_stops.labels(name).inc(outcome.deadline_stopped)
-            m.deadline_misses.labels(name).inc(missed)
+            m.deadline_requests.labels(*labels).inc()
+            m.deadline_stops.labels(*labels).inc(outcome.deadline_stopped)
+            m.deadline_misses.labels(*labels).inc(missed)

@@ -8,23 +8,33 @@ from fastapi import APIRouter, Depends, Response
 
 from branchserve.server.errors import RequestError
 from branchserve.server.metrics import CONTENT_TYPE
+from branchserve.server.schemas import ErrorResponse
 from branchserve.server.state import ServerState, state
 
 router = APIRouter()
 
 
-@router.api_route("/v2/health/live", methods=["GET", "HEAD"], summary="Liveness: the process answers")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.api_route(
-    "/v2/health/ready", methods=["GET", "HEAD"], summary="Readiness: every model loaded, checked and calibrated"
-)
 async def ready(server: Annotated[ServerState, Depends(state)]) -> dict[str, object]:
     if server.limiter is None:
         raise RequestError(503, "starting up")
-    return {"ready": True, "models": sorted(server.models)}
+    if not server.peers.all_ready():
+        raise RequestError(503, f"starting up: not all {server.settings.workers} workers are ready")
+    return {"ready": True, "models": server.repository.names()}
+
+
+for method in ("GET", "HEAD"):  # one route each, so each gets its own OpenAPI operation
+    router.add_api_route("/v2/health/live", live, methods=[method], summary="Liveness: the process answers")
+    router.add_api_route(
+        "/v2/health/ready",
+        ready,
+        methods=[method],
+        summary="Readiness: the repository loaded, checked and calibrated",
+        responses={503: {"model": ErrorResponse}},
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -51,6 +51,10 @@ class StageClock:
         step = TAIL_QUANTILE if ratio > self.tail[k] else TAIL_QUANTILE - 1.0
         self.tail[k] *= 1.0 + TAIL_STEP * step
 
+    def idle_time(self, k: int, n: int) -> float:
+        """Seconds stage k takes for n rows on an idle host: nothing answers sooner."""
+        return self._base(k, n)
+
     def worst_case(self, k: int, n: int) -> float:
         """Seconds stage k will take for n rows, rarely exceeded."""
         return self.tail[k] * self._base(k, n) + FINISH_SECONDS
@@ -67,6 +71,7 @@ class Outcome:
     exits: IntArray  # (n,): exit that answered each input
     confidence: FloatArray  # (n,)
     probs: FloatArray  # (n, classes)
+    logits: FloatArray  # (n, classes): of the exit that answered each input
     stage_seconds: list[float]  # wall time of each stage call
     scored: list[FloatArray | Float64Array]  # confidence of every row each stage call computed, answered there or not
     deadline_stopped: bool
@@ -171,6 +176,7 @@ class ModelRuntime:
         exits = np.zeros(n, np.int64)
         conf = np.zeros(n, np.float32)
         probs = np.zeros((n, len(self.manifest.labels)), np.float32)
+        answered_logits = np.zeros_like(probs)
         active = np.arange(n)
         seconds: list[float] = []
         scored: list[FloatArray | Float64Array] = []
@@ -191,14 +197,14 @@ class ModelRuntime:
             if trace is not None:
                 trace.record(k, active, c, p, boundary)
             # Every sample still here answers from its deepest exit so far, in case a later stage is cut.
-            exits[active], conf[active], probs[active] = k, c, p
+            exits[active], conf[active], probs[active], answered_logits[active] = k, c, p, logits
             if k >= max_exit or boundary is None:
                 break
             stay = c < thresholds[k]
             if not stay.any():
                 break
             active, h = active[stay], boundary[stay]
-        return Outcome(exits, conf, probs, seconds, scored, stopped)
+        return Outcome(exits, conf, probs, answered_logits, seconds, scored, stopped)
 
     def finish(self, k: int, h: FloatArray) -> tuple[list[FloatArray], list[FloatArray]]:
         """Run stages k.. on boundary tensor `h` (of stage k − 1) to the last exit, off the request path:

@@ -6,9 +6,10 @@ contract that the numpy checks and the orjson response (server/encoding.py) impl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from typing_extensions import TypeAliasType
 
 from branchserve.repo.manifest import Certificate, ConfidenceKind, Guarantee, InputSpec, OperatingPoint
 from branchserve.repo.points import Policy
@@ -16,13 +17,32 @@ from branchserve.server.budget import Budget
 
 EXAMPLE_INPUT: list[JsonValue] = [[0.0] * 28] * 28
 
+VERSIONED: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "version",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "a model version being served; routes without it use the highest",
+        }
+    ]
+}
+"""`openapi_extra` of a route under `.../versions/{version}/...`: the route reads the version from the path
+itself (the same function serves the route without it), so FastAPI does not document it."""
+
+
+Nested = TypeAliasType("Nested", "float | Annotated[list[Nested], Field(min_length=1)]")
+"""A number, or a non-empty array of them, nested to any depth (a schema cannot say "rectangular")."""
+
 
 class PredictBody(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": EXAMPLE_INPUT, "budget": {"deadline_ms": 2}}]})
 
-    inputs: list[object] = Field(
+    inputs: list[Nested] = Field(
+        min_length=1,
         description="one input as nested arrays of numbers, (C, H, W), (H, W) for one channel or flat (C·H·W), "
-        "or a batch of them with a leading axis; normalised as the model's `input` spec says"
+        "or a batch of them with a leading axis; normalised as the model's `input` spec says",
     )
     budget: Budget | None = None
     probabilities: bool = Field(False, description="include every class probability in each output")

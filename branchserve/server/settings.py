@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from branchserve.repo.points import Policy
+from branchserve.repo.versions import LATEST_ONE, VersionPolicy
 from branchserve.server.ladder import LadderSpec
 
 MIN_TOKEN_CHARS = 16
@@ -26,10 +27,27 @@ class Settings(BaseSettings):
     repository: Path = Field(Path("models"), description="model repository: <name>/<version>/manifest.json")
     host: str = Field("127.0.0.1", description="address to bind; the Docker image uses 0.0.0.0")
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol's gRPC service (needs branchserve[grpc]); 0 turns it off",
+    )
+    version_policy: str = Field(
+        LATEST_ONE,
+        description="which versions of each model to serve, as Triton's version_policy JSON: "
+        '{"latest": {"num_versions": N}}, {"all": {}} or {"specific": {"versions": [1, 3]}}',
+    )
     operating_point: str = Field(
         "{}",
         description="server operating point for every model, as the JSON the admin endpoint takes, e.g. "
         '{"max_accuracy_drop": 0.005}; {} is the manifest\'s default',
+    )
+    workers: int = Field(
+        os.cpu_count() or 1,
+        ge=1,
+        description="server processes on one port, each with every model (one per core: each answers small "
+        "requests on its own event loop, so one process uses one core)",
     )
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads inside each stage session")
     inference_threads: int = Field(os.cpu_count() or 1, ge=1, description="requests computed at once: one per core")
@@ -104,6 +122,12 @@ class Settings(BaseSettings):
         LadderSpec.model_validate_json(text)
         return text
 
+    @field_validator("version_policy")
+    @classmethod
+    def _is_version_policy(cls, text: str) -> str:
+        VersionPolicy.model_validate_json(text)
+        return text
+
     @field_validator("image_formats", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -116,6 +140,21 @@ class Settings(BaseSettings):
             raise ValueError(f"must have at least {MIN_TOKEN_CHARS} characters (an empty token does not disable it)")
         return token
 
+    def environment(self) -> dict[str, str]:
+        """The settings given (by flag or variable) as BRANCHSERVE_* variables, secrets included: what a
+        worker process, which inherits the environment but not the command line, starts from."""
+        env = {}
+        for name in sorted(self.model_fields_set):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in value)
+            elif isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"BRANCHSERVE_{name.upper()}"] = str(value)
+        return env
+
     @property
     def policy(self) -> Policy:
         return Policy.model_validate_json(self.operating_point)
@@ -123,3 +162,7 @@ class Settings(BaseSettings):
     @property
     def ladder_spec(self) -> LadderSpec:
         return LadderSpec.model_validate_json(self.ladder)
+
+    @property
+    def versions(self) -> VersionPolicy:
+        return VersionPolicy.model_validate_json(self.version_policy)

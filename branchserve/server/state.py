@@ -1,4 +1,4 @@
-"""What every route shares: the served models, settings, metrics, admission and credentials."""
+"""What every route shares: the model repository, settings, metrics, admission and credentials."""
 
 from __future__ import annotations
 
@@ -11,28 +11,28 @@ from fastapi import Depends, Request
 from branchserve.server.admission import Admission
 from branchserve.server.auth import AdminToken, Keys
 from branchserve.server.decoding import Limits
-from branchserve.server.errors import RequestError
 from branchserve.server.metrics import Metrics
 from branchserve.server.predictor import ServedModel
+from branchserve.server.repository import ModelRepository
 from branchserve.server.settings import Settings
+from branchserve.server.workers import Peers
 
 
 @dataclass
 class ServerState:
     settings: Settings
-    models: dict[str, ServedModel]
+    repository: ModelRepository
     metrics: Metrics
     admission: Admission
     limits: Limits
     keys: Keys
     admin_token: AdminToken
+    peers: Peers  # the other worker processes, if any: admin changes go to them too
     limiter: anyio.CapacityLimiter | None = None  # made at startup, inside the event loop
 
-    def model(self, name: str) -> ServedModel:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise RequestError(404, f"no model named {name!r}; see GET /v1/models") from None
+    def model(self, name: str, version: int | str | None = None) -> ServedModel:
+        """A served version (404 if none): the highest unless `version` names one."""
+        return self.repository.get(name, version)
 
 
 async def state(request: Request) -> ServerState:
@@ -46,15 +46,12 @@ async def client(request: Request, server: Annotated[ServerState, Depends(state)
     return server
 
 
-async def served_model(name: str, server: Annotated[ServerState, Depends(client)]) -> ServedModel:
-    return server.model(name)
+async def served_model(request: Request, name: str, server: Annotated[ServerState, Depends(client)]) -> ServedModel:
+    """The model version a route's path names (`.../versions/{version}`), else the highest served."""
+    return server.model(name, request.path_params.get("version"))
 
 
 async def admin(request: Request, server: Annotated[ServerState, Depends(state)]) -> ServerState:
     """The state, once the request has shown the admin token (admin routes need no API key)."""
     server.admin_token.check(request)
     return server
-
-
-async def administered_model(name: str, server: Annotated[ServerState, Depends(admin)]) -> ServedModel:
-    return server.model(name)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import httptools
@@ -34,7 +34,8 @@ TIMED_OUT = "branchserve.timed_out"
 
 
 def _canned(status: str, message: str, extra: str = "", close: bool = False) -> bytes:
-    body = b'{"detail":"' + message.encode() + b'"}'
+    """An answer written by the connection itself; its body suits both APIs (native `detail`, OIP `error`)."""
+    body = b'{"detail":"' + message.encode() + b'","error":"' + message.encode() + b'"}'
     head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}"
     return (head + ("connection: close\r\n" if close else "") + "\r\n").encode() + body
 
@@ -54,8 +55,9 @@ class Door(enum.Enum):
     REFUSE = "a predict request refused at once"
 
 
-PredictModel = Callable[[bytes], str | None]
-"""The model a POST to this URL asks a prediction of, or None for any other request."""
+PredictModel = Callable[[bytes], Hashable | None]
+"""The model a POST to this URL asks a prediction of (as the application names it, passed back to
+`refuse`), or None for any other request."""
 
 
 class Guard:
@@ -68,7 +70,7 @@ class Guard:
         max_header_bytes: int,
         request_timeout_s: float,
         predict_model: PredictModel,
-        refuse: Callable[[str], bool],
+        refuse: Callable[[Any], bool],
         arrived: Callable[[], None],
         left: Callable[[], None],
     ) -> None:
@@ -85,145 +87,155 @@ class Guard:
         self.overloaded = _canned("503 Service Unavailable", "overloaded: try again shortly", "retry-after: 1\r\n")
 
 
-def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with `guard` applied; pass it as `uvicorn.run(..., http=...)`."""
+_GUARD: Guard | None = None
 
-    class GuardedProtocol(HttpToolsProtocol):
-        def __init__(
-            self,
-            config: Config,
-            server_state: ServerState,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            super().__init__(config, server_state, app_state, _loop)
-            self.header_bytes = 0
-            self.door = Door.PASS
-            self.counted: set[RequestResponseCycle] = set()  # received whole, not yet answered
-            self.deadline: asyncio.TimerHandle | None = None
 
-        @property
-        def refused(self) -> bool:
-            return self.door is Door.REFUSE
+def install(guard: Guard) -> None:
+    """The guard of this process's application: one app per server process (and per worker)."""
+    global _GUARD
+    _GUARD = guard
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            for _ in self.counted:
-                guard.left()
-            self.counted.clear()
-            super().connection_lost(exc)
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with this process's `Guard` applied (see `install`); pass the
+    class as `uvicorn.run(..., http=GuardedProtocol)`, also to worker processes."""
 
-        def _arm(self) -> None:
-            self._disarm()
-            self.deadline = self.loop.call_later(guard.request_timeout_s, self._time_out)
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        if _GUARD is None:
+            raise RuntimeError("no connection guard installed in this process: call transport.install")
+        self.guard: Guard = _GUARD
+        self.header_bytes = 0
+        self.door = Door.PASS
+        self.counted: set[RequestResponseCycle] = set()  # received whole, not yet answered
+        self.deadline: asyncio.TimerHandle | None = None
 
-        def _disarm(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
+    @property
+    def refused(self) -> bool:
+        return self.door is Door.REFUSE
 
-        def _time_out(self) -> None:
-            """The client took too long to send a request: answer 408 (unless an answer has begun) and close."""
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        for _ in self.counted:
+            self.guard.left()
+        self.counted.clear()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(self.guard.request_timeout_s, self._time_out)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
             self.deadline = None
-            if self.transport.is_closing():
+
+    def _time_out(self) -> None:
+        """The client took too long to send a request: answer 408 (unless an answer has begun) and close."""
+        self.deadline = None
+        if self.transport.is_closing():
+            return
+        cycle: RequestResponseCycle | None = self.cycle  # None before a connection's first request
+        if self.refused or (cycle is not None and cycle.response_started and not cycle.response_complete):
+            self.transport.close()  # an answer is already written or on its way
+            return
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope[TIMED_OUT] = True  # type: ignore[literal-required]
+            cycle.disconnected = True  # the application's receive() now says http.disconnect
+            cycle.message_event.set()
+        self.transport.write(self.guard.timed_out)
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, Refused):
+                self.transport.write(e.__context__.response)
+                self.transport.close()
                 return
-            cycle: RequestResponseCycle | None = self.cycle  # None before a connection's first request
-            if self.refused or (cycle is not None and cycle.response_started and not cycle.response_complete):
-                self.transport.close()  # an answer is already written or on its way
-                return
-            if cycle is not None and not cycle.response_complete:
-                cycle.scope[TIMED_OUT] = True  # type: ignore[literal-required]
-                cycle.disconnected = True  # the application's receive() now says http.disconnect
-                cycle.message_event.set()
-            self.transport.write(guard.timed_out)
-            self.transport.close()
+            self._invalid()
+        except httptools.HttpParserError:
+            self._invalid()
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
 
-        def data_received(self, data: bytes) -> None:
-            self._unset_keepalive_if_required()
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserCallbackError as e:
-                if isinstance(e.__context__, Refused):
-                    self.transport.write(e.__context__.response)
-                    self.transport.close()
-                    return
-                self._invalid()
-            except httptools.HttpParserError:
-                self._invalid()
-            except httptools.HttpParserUpgrade:
-                if self._should_upgrade():
-                    self.handle_websocket_upgrade()
-                else:
-                    self._unsupported_upgrade_warning()
+    def _invalid(self) -> None:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
 
-        def _invalid(self) -> None:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.header_bytes = 0
+        self.door = Door.PASS
+        self._arm()  # from its first byte, the request has `request_timeout_s` to arrive whole
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.header_bytes = 0
-            self.door = Door.PASS
-            self._arm()  # from its first byte, the request has `request_timeout_s` to arrive whole
+    def on_url(self, url: bytes) -> None:
+        self._add_header_bytes(len(url))
+        super().on_url(url)
 
-        def on_url(self, url: bytes) -> None:
-            self._add_header_bytes(len(url))
-            super().on_url(url)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._add_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
 
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._add_header_bytes(len(name) + len(value) + 4)
-            super().on_header(name, value)
+    def _add_header_bytes(self, size: int) -> None:
+        self.header_bytes += size
+        if self.header_bytes > self.guard.max_header_bytes:
+            raise Refused(self.guard.too_large)
 
-        def _add_header_bytes(self, size: int) -> None:
-            self.header_bytes += size
-            if self.header_bytes > guard.max_header_bytes:
-                raise Refused(guard.too_large)
-
-        def on_headers_complete(self) -> None:
-            model = guard.predict_model(self.url) if self.parser.get_method() == b"POST" else None
-            if model is not None:
-                cycle: RequestResponseCycle | None = self.cycle
-                idle = cycle is None or cycle.response_complete  # never answer ahead of a pipelined request
-                self.door = Door.REFUSE if idle and guard.refuse(model) else Door.ADMIT
-                if self.refused:
-                    self.transport.write(guard.overloaded)
-                    return
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if not self.refused:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            self._disarm()
+    def on_headers_complete(self) -> None:
+        model = self.guard.predict_model(self.url) if self.parser.get_method() == b"POST" else None
+        if model is not None:
+            cycle: RequestResponseCycle | None = self.cycle
+            idle = cycle is None or cycle.response_complete  # never answer ahead of a pipelined request
+            self.door = Door.REFUSE if idle and self.guard.refuse(model) else Door.ADMIT
             if self.refused:
-                if self.parser.should_keep_alive():
-                    self._arm()  # idle until the next request, as after any answer
-                else:
-                    self.transport.close()
+                self.transport.write(self.guard.overloaded)
                 return
-            self.scope[READY_AT] = time.perf_counter()  # type: ignore[literal-required]
-            if self.door is Door.ADMIT:
-                self._count(self.cycle)
-            super().on_message_complete()
+        super().on_headers_complete()
 
-        def _count(self, cycle: RequestResponseCycle) -> None:
-            """Count `cycle` in until its answer is written (or its connection is lost)."""
-            self.counted.add(cycle)
-            guard.arrived()
-            answered = cycle.on_response
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            super().on_body(body)
 
-            def on_response() -> None:
-                if cycle in self.counted:
-                    self.counted.discard(cycle)
-                    guard.left()
-                answered()
+    def on_message_complete(self) -> None:
+        self._disarm()
+        if self.refused:
+            if self.parser.should_keep_alive():
+                self._arm()  # idle until the next request, as after any answer
+            else:
+                self.transport.close()
+            return
+        self.scope[READY_AT] = time.perf_counter()  # type: ignore[literal-required]
+        if self.door is Door.ADMIT:
+            self._count(self.cycle)
+        super().on_message_complete()
 
-            cycle.on_response = on_response
+    def _count(self, cycle: RequestResponseCycle) -> None:
+        """Count `cycle` in until its answer is written (or its connection is lost)."""
+        self.counted.add(cycle)
+        self.guard.arrived()
+        answered = cycle.on_response
 
-    return GuardedProtocol
+        def on_response() -> None:
+            if cycle in self.counted:
+                self.counted.discard(cycle)
+                self.guard.left()
+            answered()
+
+        cycle.on_response = on_response

@@ -1,0 +1,93 @@
+"""Every core of the box: `branchserve serve --workers 2` against `--workers 1`, the highest load each
+holds with p99 ≤ 25 ms.
+
+    python bench/workers.py --repeats 3          # ≈ 5 min; needs wrk (Debian's package)
+
+wrk (a C load generator: little CPU of its own on the shared cores) posts the shipped sample PNGs
+closed-loop with 1, 2, 4, … connections for `--seconds` each; a server's capacity is the highest
+throughput of a step whose p99 ≤ `--p99-ms` with every request answered 200. The two servers take
+turns within each repeat, so a noisy neighbour slows both; medians over repeats. Passes when the
+ratio is ≥ 1.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from branchserve.loadtest.samples import SAMPLES_DIR
+from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).with_name("wrk_png.lua")
+MODEL = "fmnist-resnet"
+CONNECTIONS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(SCRIPT), url, "--", str(SAMPLES_DIR), MODEL]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["rps"] = result["ok"] / result["seconds"]
+    return result
+
+
+def capacity(workers: int, seconds: float, p99_ms: float) -> tuple[float, list[dict[str, Any]]]:
+    """Start a server with `workers` processes and step connections up until p99 breaks."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = branchserve_cmd(
+            ROOT / "models", port, "--workers", str(workers), "--grpc-port", "0", "--log-level", "warning"
+        )
+        with started_server(cmd, port, Path(tmp) / "server.log") as server:
+            wrk(server.url, 4, 2.0)  # warm up every worker
+            steps, best = [], 0.0
+            for c in CONNECTIONS:
+                step = wrk(server.url, c, seconds) | {"connections": c}
+                steps.append(step)
+                holds = step["p99_ms"] <= p99_ms and step["ok"] == step["requests"] and not step["errors"]
+                print(f"  workers={workers} c={c:3d}: {step['rps']:7.0f} req/s, p99 {step['p99_ms']:6.2f} ms, "
+                      f"refused {step['refused']}, {'holds' if holds else 'breaks'}", flush=True)  # fmt: skip
+                if not holds:
+                    break
+                best = max(best, step["rps"])
+    return best, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--p99-ms", type=float, default=25.0)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+    runs: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(args.repeats):
+        for workers in runs:
+            print(f"repeat {r}, --workers {workers}:", flush=True)
+            runs[workers].append(capacity(workers, args.seconds, args.p99_ms)[0])
+    one, two = statistics.median(runs[1]), statistics.median(runs[2])
+    figures = {
+        "capacity_rps": {"workers_1": runs[1], "workers_2": runs[2]},
+        "median_rps": {"workers_1": one, "workers_2": two},
+        "ratio": two / one,
+        "p99_ms_budget": args.p99_ms,
+        "host": {"load_average": os.getloadavg(), "cpus": os.cpu_count()},
+    }
+    figures["checks"] = {"--workers 2 holds >= 1.8x the load of --workers 1": figures["ratio"] >= 1.8}
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    sys.exit(0 if all(figures["checks"].values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
