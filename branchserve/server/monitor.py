@@ -115,6 +115,11 @@ class ExitMonitor:
             )
             self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the thread that finishes samples is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop the thread and publishing (a version no longer served, or the server stopping)."""
         self.metrics.stop_refreshing(self.publish_bounds)
