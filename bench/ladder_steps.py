@@ -187,6 +187,8 @@ def main() -> None:
         logs = Path(tmp)
         strict_cap, strict_tried = capacity(repo, fixed, requests, rates, args.capacity_s, objective, logs / "a.log")
         cheap_cap, cheap_tried = capacity(repo, cheapest, requests, rates, args.capacity_s, objective, logs / "b.log")
+        if not strict_cap or not cheap_cap:
+            sys.exit(f"a fixed point held p99 ≤ {objective:g} ms at none of --capacity-rates: host too busy to measure")
         step_rates = [round(float(f) * strict_cap) for f in args.fractions.split(",")]
         runs = {"ladder": ["--operating-point", STRICTEST, "--ladder", ladder], "full depth fixed": fixed}
         stepped = steps(repo, runs, requests, final_class, step_rates, args.step_s, logs)
