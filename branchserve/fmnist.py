@@ -1,4 +1,4 @@
-"""Fashion-MNIST: where its IDX files live, its labels, and a reader that needs numpy only.
+"""Fashion-MNIST: where its IDX files live, its labels, its validation split, and a reader that needs numpy only.
 
 One home for the dataset's location: `BRANCHSERVE_FMNIST_DIR`, else Debian's
 `dataset-fashion-mnist` package. Every command that reads the dataset (train, export, analyze,
@@ -60,3 +60,21 @@ def read_split(part: str, root: Path | None = None) -> tuple[npt.NDArray[np.uint
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (len(images),):
         raise DataError(f"{root}: {part} images {images.shape} and labels {labels.shape} do not fit together")
     return images, labels.astype(np.int64)
+
+
+def split_indices(n: int, n_val: int, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """A seeded permutation cut into (train, val): training holds validation out of the training set with it,
+    and certification (torch-free) finds the same validation images with it."""
+    if not 0 < n_val < n:
+        raise DataError(f"cannot hold out {n_val} of {n} samples for validation")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def read_validation(
+    root: Path | None = None, n_val: int = 10_000, seed: int = 0
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """The validation images and labels a run with this split seed held out of the training part."""
+    images, labels = read_split("train", root)
+    _, val = split_indices(len(labels), n_val, seed)
+    return images[val], labels[val]

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Set up a machine for development and run the checks: lint, format, types, the test suite.
 # Installs into ./.venv (made here unless a virtual environment is active). Debian's
-# dataset-fashion-mnist is installed with apt-get when missing: as root, or through sudo.
+# dataset-fashion-mnist, and prometheus for promtool (the alert rules' checks and unit tests), are
+# installed with apt-get when missing: as root, or through sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+missing=()
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ -z "${BRANCHSERVE_FMNIST_DIR:-}" ]; then
+    missing+=(dataset-fashion-mnist)
+fi
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 if [ -z "${VIRTUAL_ENV:-}" ]; then
     [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from branchserve.fmnist import read_split
 from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
@@ -60,3 +61,13 @@ def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a live /metrics scrape, keyed by name and sorted labels."""
+    text = client.get("/metrics").raise_for_status().text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -22,8 +22,11 @@ from tritonclient.utils import InferenceServerException
 from branchserve.loadtest.reload import copy_version, corrupt_version, scenario
 from branchserve.repo.points import Policy
 from branchserve.repo.versions import Latest, VersionPolicy
+from branchserve.server.admission import Admission
 from branchserve.server.budget import Budget
+from branchserve.server.ladder import LadderSpec
 from branchserve.server.metrics import Metrics
+from branchserve.server.monitor import MonitorSettings
 from branchserve.server.predictor import PredictRequest
 from branchserve.server.repository import ModelRepository, Serving
 
@@ -156,13 +159,24 @@ def test_reload_under_load_fails_no_request(repo: Path) -> None:
 
 
 def test_a_request_holding_a_version_finishes_on_it_after_a_swap(repo: Path) -> None:
-    """What makes a swap safe, without timing luck: a request holds the ServedModel it started with."""
-    repository = ModelRepository(repo, VersionPolicy(latest=Latest()), Serving(Policy(), 0.01, 1, Metrics()))
+    """What makes a swap safe, without timing luck: a request holds the ServedModel it started with. A
+    version loaded live gets its own certified ladder and exit-quality monitor; a retired one's monitor stops."""
+    metrics = Metrics()
+    admission = Admission(64, 0.015, 0.005, 0.1, metrics)
+    ladder, monitor = LadderSpec(max_disagreement=[0.3]), MonitorSettings(0.5, 0.05, "alert")
+    repository = ModelRepository(
+        repo, VersionPolicy(latest=Latest()), Serving(Policy(), 1, metrics, admission, ladder, monitor, 1)
+    )
     repository.load_all()
     held = repository.get(MODEL)
     copy_version(repo / MODEL / "1", 2)
     assert repository.load(MODEL) == [2] and repository.get(MODEL).version == 2
+    swapped_in = repository.get(MODEL)
+    assert swapped_in.ladder is not None and len(swapped_in.rungs) >= 1 and swapped_in.monitor is not None
+    assert swapped_in.monitor.running and held.monitor is not None and not held.monitor.running
     x = np.zeros((4, *held.manifest.input.shape), np.float32)
-    result = held.predict(PredictRequest(lambda: x, Budget(), False, light=False), time.perf_counter(), False)
+    result = held.predict(PredictRequest(lambda: x, Budget(), False, light=False), time.perf_counter())
     assert result.manifest.version == 1 and len(result.outcome.exits) == 4
     assert [(s.version, s.state) for s in repository.index()] == [(1, "UNAVAILABLE"), (2, "READY")]
+    repository.close()
+    assert not swapped_in.monitor.running

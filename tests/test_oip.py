@@ -132,7 +132,11 @@ def test_fp32_batch_over_every_front_door(http_client, grpc_client, server: Serv
         logits = result.as_numpy("logits")
         assert (logits.argmax(axis=1) == expected[1]).all()
     assert binary.get_response()["model_version"] == "1" and over_grpc.get_response().model_version == "1"
-    assert binary.get_response()["parameters"]["operating_point"] == native["budget"]["operating_point"]
+    params, budget = binary.get_response()["parameters"], native["budget"]
+    assert params["operating_point"] == budget["operating_point"] and params["rung"] == budget["rung"]
+    guarantee = {k[len("guarantee_") :]: v for k, v in params.items() if k.startswith("guarantee_")}
+    assert guarantee == (budget["guarantee"] or {})  # the guarantee, flattened into scalar parameters
+    assert over_grpc.get_response().parameters["rung"].int64_param == budget["rung"]
 
 
 def test_bytes_images_answer_as_png_uploads(http_client, grpc_client, server: Server, model, images) -> None:
@@ -188,6 +192,8 @@ def test_budgets_in_parameters(http_client, grpc_client, model, images) -> None:
             client.infer(name, [fp32_input(module, x)], timeout=1, headers=auth())
     params = full.get_response().parameters
     assert params["source"].string_param == "request" and params["stages_run"].int64_param == len(manifest.exits)
+    assert "rung" not in params  # a request's own target is no rung of the ladder
+    assert params["guarantee_epsilon"].double_param == 0.0 and params["guarantee_n"].int64_param == 0  # full depth
     assert timed.get_response().parameters["deadline_missed"].bool_param is False
     with pytest.raises(InferenceServerException, match="max_exit") as e:
         http_client.infer(name, [fp32_input(thttp, x)], parameters={"max_exit": last + 1}, headers=auth())

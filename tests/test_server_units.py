@@ -144,18 +144,18 @@ def test_max_exit_and_deadline(runtime: ModelRuntime, inputs: np.ndarray) -> Non
 def test_deadlines_that_cannot_be_met_are_refused_before_any_stage(runtime: ModelRuntime, inputs: np.ndarray) -> None:
     """Too short for the first stage even on an idle host: PredictError (422). Passed while the
     request waited: DeadlineError (503). Tight but possible: stops between stages."""
-    served = ServedModel(runtime, Policy(max_accuracy_drop=0), degrade_drop=0.05, metrics=Metrics())
+    served = ServedModel(runtime, Policy(max_accuracy_drop=0), Metrics())
     first_ms = runtime.clock.idle_time(0, len(inputs)) * 1e3
 
     def request(deadline_ms: float) -> PredictRequest:
         return PredictRequest(lambda: inputs, Budget(deadline_ms=deadline_ms), probabilities=False, light=False)
 
     with pytest.raises(PredictError, match="shorter than the first stage"):
-        served.predict(request(first_ms / 2), time.perf_counter(), loaded=False)
+        served.predict(request(first_ms / 2), time.perf_counter())
     waited_long = time.perf_counter() - 1.0  # received a second ago
     with pytest.raises(DeadlineError, match="passed"):
-        served.predict(request(100.0), waited_long, loaded=False)
-    ok = served.predict(request(60_000.0), time.perf_counter(), loaded=False)
+        served.predict(request(100.0), waited_long)
+    ok = served.predict(request(60_000.0), time.perf_counter())
     assert ok.deadline_missed is False and len(ok.outcome.stage_seconds) == runtime.num_exits
 
 
@@ -170,21 +170,6 @@ def test_stage_clock_follows_slowdowns() -> None:
     tail = clock.tail[0]
     clock.observe(0, 1, 0.02)  # one stall nudges the tail quantile; only frequent stalls move it far
     assert tail < clock.tail[0] < 1.1 * tail
-
-
-def test_load_point_under_load(runtime: ModelRuntime, inputs: np.ndarray) -> None:
-    served = ServedModel(runtime, Policy(max_accuracy_drop=0), degrade_drop=0.05, metrics=Metrics())
-
-    def request(budget: Budget) -> PredictRequest:
-        return PredictRequest(lambda: inputs, budget, probabilities=False, light=False)
-
-    calm = served.predict(request(Budget()), time.perf_counter(), loaded=False)
-    loaded = served.predict(request(Budget()), time.perf_counter(), loaded=True)
-    assert calm.source == "server" and loaded.source == "load"
-    assert loaded.choice == served.load_point and calm.choice == served.choice
-    assert served.load_point.point.expected_macs < served.choice.point.expected_macs
-    own = served.predict(request(Budget(max_accuracy_drop=0)), time.perf_counter(), loaded=True)
-    assert own.source == "request"  # a request's own target wins
 
 
 @pytest.mark.parametrize(
@@ -242,16 +227,16 @@ def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch
     in would outlast the allowed wait, priced by the mean work time, which a huge batch cannot blow up."""
     now = [100.0]
     monkeypatch.setattr("branchserve.server.admission.time.perf_counter", lambda: now[0])
-    a = Admission(max_in_flight=8, loaded_at=4, max_wait_s=0.015, target_s=0.005, interval_s=0.1, metrics=Metrics())
+    a = Admission(max_in_flight=8, max_wait_s=0.015, target_s=0.005, interval_s=0.1, metrics=Metrics())
     a.start(("m", "1"), now[0] - 0.010)  # waited 10 ms: allowed (no queue stands yet)
     assert not a.standing and a.wait_limit() == 0.015
     now[0] += 0.2  # no request started within the target since: a queue stands
-    assert a.standing and a.wait_limit() == 0.005 and a.loaded
+    assert a.standing and a.wait_limit() == 0.005
     with pytest.raises(RequestError) as shed:
         a.start(("m", "1"), now[0] - 0.006)
     assert shed.value.status == 503 and shed.value.headers == {"Retry-After": "1"}
     a.start(("m", "1"), now[0] - 0.001)  # one started within the target: the queue no longer stands
-    assert not a.standing and not a.loaded
+    assert not a.standing
     for _ in range(3):
         a.arrived()
     a.service_s = 0.004

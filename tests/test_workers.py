@@ -74,6 +74,23 @@ def test_both_workers_answer_and_one_scrape_sums_them_exactly(server: Server) ->
         assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
 
 
+def test_every_worker_runs_its_own_ladder_and_monitor(server: Server) -> None:
+    """Each worker's ladder reads its own queueing and its monitor checks its own samples: their gauges
+    come per live worker (label `pid`), as the alert rules and the dashboard aggregate them."""
+    pids = {str(p) for p in workers(server)}
+    m = scrape(server)
+
+    def per_worker(name: str) -> set[str]:
+        return {dict(labels)["pid"] for metric, labels in m if metric == name and dict(labels)["model"] == "tiny"}
+
+    for gauge in ("branchserve_ladder_rung", "branchserve_served_epsilon_ratio", "branchserve_monitor_alarm"):
+        assert per_worker(gauge) == pids, gauge
+    rungs = [v for (metric, labels), v in m.items() if metric == "branchserve_ladder_rung"]
+    assert rungs and all(v == 0 for v in rungs)  # a calm server: every worker at the server's point
+    objective = ("branchserve_latency_objective_seconds", (("model", "tiny"), ("version", "1")))
+    assert m[objective] == 0.025  # the same setting in every worker: one series
+
+
 def cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return float(int(fields[11]) + int(fields[12]))

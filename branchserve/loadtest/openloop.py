@@ -28,11 +28,13 @@ from branchserve.loadtest.samples import sample_pngs
 
 @dataclass
 class Outcome:
-    """Every request of a run: its scheduled time, latency from that time, and HTTP status (0: no answer)."""
+    """Every request of a run: its scheduled time, latency from that time, HTTP status (0: no answer), which
+    of the requests it was, and with `keep_bodies` the response body."""
 
     scheduled: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
+    request: list[int] = field(default_factory=list)
     retry_after: int = 0  # 503s that carried Retry-After
     bodies: list[bytes] | None = None  # every response body, in `status` order, when asked to keep them
 
@@ -93,11 +95,11 @@ async def run(
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection(host, port))
 
-    async def one(at: float, body: bytes) -> None:
+    async def one(at: float, index: int) -> None:
         reader, writer = await idle.get()
         status, retry, answer = 0, False, b""
         try:
-            writer.write(body)
+            writer.write(requests[index])
             status, retry, answer = await read_response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.close()
@@ -107,6 +109,7 @@ async def run(
         out.scheduled.append(at)
         out.latency_ms.append((time.perf_counter() - at) * 1e3)
         out.status.append(status)
+        out.request.append(index)
         out.retry_after += retry
         if out.bodies is not None:
             out.bodies.append(answer)
@@ -118,7 +121,7 @@ async def run(
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(at, requests[i % len(requests)])))
+        tasks.append(asyncio.create_task(one(at, i % len(requests))))
     await asyncio.gather(*tasks)
     while not idle.empty():
         _, writer = idle.get_nowait()

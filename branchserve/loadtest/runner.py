@@ -63,7 +63,7 @@ def baseline_cmd(repository: Path, model: str, port: int) -> list[str]:
 
 FULL_DEPTH_ENV = {
     "BRANCHSERVE_OPERATING_POINT": json.dumps({"point": "final"}),
-    "BRANCHSERVE_DEGRADE_IN_FLIGHT": str(1 << 20),  # never switch to the cheaper load point
+    "BRANCHSERVE_LADDER": "{}",  # never step down to a cheaper rung under load
 }
 """branchserve with early exit switched off: every input runs to the last exit, whatever the load."""
 

@@ -42,22 +42,24 @@ def expected_cost(exit_fractions: Sequence[float], stage_costs: Sequence[float])
 
 @dataclass(frozen=True)
 class ExitScores:
-    """Every exit's confidence and correctness on one split, each shaped (exits, samples)."""
+    """Every exit's confidence and correctness on one split, each shaped (exits, samples); `agrees`
+    (same shape) says whether each exit's answer is the final exit's, which certification counts."""
 
     confidence: Float64Array
     correct: BoolArray
+    agrees: BoolArray | None = None
 
     @classmethod
     def from_logits(
         cls, logits: Sequence[FloatArray], labels: IntArray, kind: ConfidenceKind = "max_softmax"
     ) -> ExitScores:
         probs = [softmax(z.astype(np.float64)) for z in logits]
-        return cls(
-            np.stack([confidence(p, kind) for p in probs]), np.stack([p.argmax(axis=1) == labels for p in probs])
-        )
+        answers = np.stack([p.argmax(axis=1) for p in probs])
+        return cls(np.stack([confidence(p, kind) for p in probs]), answers == labels, answers == answers[-1])
 
     def take(self, index: IntArray) -> ExitScores:
-        return ExitScores(self.confidence[:, index], self.correct[:, index])
+        agrees = None if self.agrees is None else self.agrees[:, index]
+        return ExitScores(self.confidence[:, index], self.correct[:, index], agrees)
 
     def __len__(self) -> int:
         samples: int = self.confidence.shape[1]
@@ -83,6 +85,17 @@ def score(scores: ExitScores, thresholds: npt.ArrayLike, chunk: int = 256) -> tu
         accuracy[start : start + chunk] = scores.correct[taken, np.arange(n)].mean(axis=1)
         fractions[start : start + chunk] = (taken[:, :, None] == np.arange(n_exits)).mean(axis=1)
     return accuracy, fractions
+
+
+def agreement(scores: ExitScores, thresholds: npt.ArrayLike, chunk: int = 256) -> Float64Array:
+    """(points,) share of samples each threshold row answers as the final exit does (needs `scores.agrees`)."""
+    assert scores.agrees is not None, "agreement needs each exit's agreement with the final exit"
+    thresholds = np.atleast_2d(np.asarray(thresholds, dtype=np.float64))
+    samples, out = np.arange(len(scores)), np.empty(len(thresholds))
+    for start in range(0, len(thresholds), chunk):
+        taken = exits_taken(scores.confidence, thresholds[start : start + chunk])
+        out[start : start + chunk] = scores.agrees[taken, samples].mean(axis=1)
+    return out
 
 
 def pareto(cost: Float64Array, accuracy: Float64Array) -> IntArray:
@@ -126,6 +139,28 @@ class SearchSettings:
     offsets: tuple[float, ...] = (-1.0, 0.0, 1.0)
 
 
+def halves(n: int, seed: int) -> tuple[IntArray, IntArray]:
+    """A seeded cut of n samples into half A (proposes thresholds) and half B (keeps and certifies them)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[: n // 2], order[n // 2 :]
+
+
+def propose(
+    half_a: ExitScores, stage_macs: Sequence[float], settings: SearchSettings, agreeing: bool = False
+) -> tuple[Float64Array, list[SearchKind]]:
+    """The candidate thresholds that are Pareto-optimal on half A for accuracy against expected MACs, and
+    with `agreeing` also those for agreement with the final exit against expected MACs; cheapest first."""
+    cumulative = np.cumsum(np.asarray(stage_macs, dtype=np.float64))
+    rows, kinds = candidates(half_a.confidence, settings.levels, settings.offsets)
+    accuracy, fractions = score(half_a, rows)
+    cost = fractions @ cumulative
+    proposed = pareto(cost, accuracy)
+    if agreeing:
+        proposed = np.union1d(proposed, pareto(cost, agreement(half_a, rows)))
+        proposed = proposed[np.argsort(cost[proposed], kind="stable")]
+    return rows[proposed], [kinds[i] for i in proposed]
+
+
 def search(
     scores: ExitScores, stage_macs: Sequence[float], settings: SearchSettings = SearchSettings()
 ) -> tuple[list[tuple[SearchKind, Float64Array]], IntArray]:
@@ -135,15 +170,10 @@ def search(
     report accuracy on the half no proposal saw. Cost is expected MACs, a property of the model and
     the same on every host, so the frontier does not move with timing noise.
     """
-    n = len(scores)
-    order = np.random.default_rng(settings.holdout_seed).permutation(n)
-    half_a, half_b = scores.take(order[: n // 2]), order[n // 2 :]
-    cumulative = np.cumsum(np.asarray(stage_macs, dtype=np.float64))
-    rows, kinds = candidates(half_a.confidence, settings.levels, settings.offsets)
-    accuracy, fractions = score(half_a, rows)
-    proposed = pareto(fractions @ cumulative, accuracy)
-    accuracy, fractions = score(scores.take(half_b), rows[proposed])
-    kept = proposed[pareto(fractions @ cumulative, accuracy)]
+    half_a, half_b = halves(len(scores), settings.holdout_seed)
+    rows, kinds = propose(scores.take(half_a), stage_macs, settings)
+    accuracy, fractions = score(scores.take(half_b), rows)
+    kept = pareto(fractions @ np.cumsum(np.asarray(stage_macs, dtype=np.float64)), accuracy)
     return [(kinds[i], rows[i]) for i in kept], half_b
 
 
@@ -158,6 +188,43 @@ def cheapest_within(points: Sequence[OperatingPoint], reference: float, toleranc
     if not eligible:
         raise ValueError(f"no operating point within {tolerance} of accuracy {reference}")
     return min(eligible, key=lambda p: (p.expected_macs, -p.val_accuracy))
+
+
+def operating_points(
+    named: Sequence[tuple[str, SearchKind]],
+    rows: Float64Array,
+    val: ExitScores,
+    test: ExitScores,
+    stage_macs: Sequence[float],
+    batch1: StageLatency,
+    holdout: ExitScores | None = None,
+) -> list[OperatingPoint]:
+    """Operating points of threshold rows, one per (name, search kind): scored on validation (and its
+    held-out half) and on test, priced in MACs and with the batch-1 stage latencies."""
+    val_acc, val_frac = score(val, rows)
+    hold_acc = score(holdout, rows)[0] if holdout is not None else [None] * len(rows)
+    test_acc, test_frac = score(test, rows)
+    points = []
+    for (name, kind), row, va, vf, ha, ta, tf in zip(
+        named, rows, val_acc, val_frac, hold_acc, test_acc, test_frac, strict=True
+    ):
+        latency = expected_cost(vf, batch1.stage_ms)
+        points.append(
+            OperatingPoint(
+                name=name,
+                search=kind,
+                thresholds=[float(t) for t in row],
+                val_accuracy=float(va),
+                holdout_accuracy=None if ha is None else float(ha),
+                test_accuracy=float(ta),
+                exit_fractions=[float(f) for f in vf],
+                test_exit_fractions=[float(f) for f in tf],
+                expected_macs=expected_cost(vf, stage_macs),
+                expected_latency_ms=latency,
+                relative_cost=latency / batch1.full_graph_ms,
+            )
+        )
+    return points
 
 
 def priced(point: OperatingPoint, latency: StageLatency) -> OperatingPoint:

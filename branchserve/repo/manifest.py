@@ -20,6 +20,9 @@ MANIFEST_FILE = "manifest.json"
 CHANNELS = {"L": 1, "RGB": 3}
 
 ConfidenceKind = Literal["max_softmax", "entropy", "margin"]
+RiskKind = Literal["disagreement", "accuracy_drop"]
+"""disagreement: the share of answers that differ from the final exit's (needs no labels, so live
+traffic can be checked against it); accuracy_drop: the final exit's accuracy minus the point's."""
 
 
 class RepositoryError(ValueError):
@@ -151,6 +154,50 @@ class FullGraphSpec(Schema):
     boundary_outputs: list[str] = Field(default_factory=list, description="stage boundary tensors, for checks")
 
 
+class Candidate(Schema):
+    """One hypothesis of the fixed sequence: thresholds proposed on validation half A, counted on half B."""
+
+    thresholds: list[float]
+    point: str = Field(description="the operating point with these thresholds: on the frontier, or certification's")
+    proposal_disagreement: float = Field(description="on half A; orders the sequence for the disagreement risk")
+    proposal_accuracy_drop: float = Field(description="on half A; orders the sequence for the accuracy-drop risk")
+    disagreements: int = Field(ge=0, description="on half B: answers that differ from the final exit's")
+    lost: int = Field(ge=0, description="on half B: wrong answers where the final exit is right")
+    gained: int = Field(ge=0, description="on half B: right answers where the final exit is wrong")
+
+
+class Guarantee(Schema):
+    """What a certified point lets a response claim: with probability ≥ 1 − delta over calibration, risk ≤ epsilon."""
+
+    risk: RiskKind
+    epsilon: float = Field(description="the risk is at most this")
+    delta: float = Field(description="with probability at least 1 − delta over the calibration sample")
+    method: str
+    n: int = Field(description="calibration images the certificate rests on (0: exact, full depth)")
+    bound: float = Field(description="the point's own (1 − delta) upper confidence bound on the risk, ≤ epsilon")
+
+
+class Certificate(Guarantee):
+    """A target certified when the version was calibrated, and the cheapest point meeting it."""
+
+    point: str
+
+
+class Certification(Schema):
+    """Counts from which any (risk, ε, δ) can be certified: see branchserve/repo/certify.py."""
+
+    method: str
+    sample: str = Field(description="which images the counts come from, none of which proposed a threshold")
+    n: int = Field(gt=0, description="images counted per candidate")
+    candidates: list[Candidate] = Field(description="every proposal, most expensive first; `final` leads")
+    points: list[OperatingPoint] = Field(
+        default_factory=list,
+        description="candidates that are not on the frontier (it keeps the best accuracy for the cost; these may "
+        "disagree less with the final exit for the cost), for certified policies to choose",
+    )
+    certificates: list[Certificate] = Field(default_factory=list)
+
+
 class Manifest(Schema):
     schema_version: Literal[2] = SCHEMA_VERSION
     name: str
@@ -165,10 +212,14 @@ class Manifest(Schema):
     frontier: list[OperatingPoint]
     default_operating_point: str
     cost: CostProfile
+    certification: Certification | None = Field(
+        None, description="risk counts for certified operating points; `branchserve calibrate --certify` adds it"
+    )
     provenance: dict[str, object] = Field(description="regime, data split, seed, training summary, commit")
 
     def operating_point(self, name: str) -> OperatingPoint:
-        for point in self.frontier:
+        """A frontier point, or one of certification's own points, by name."""
+        for point in self.frontier + ([] if self.certification is None else self.certification.points):
             if point.name == name:
                 return point
         raise KeyError(name)
@@ -243,6 +294,27 @@ def load_manifest(version_dir: Path) -> Manifest:
         raise RepositoryError(
             f"{path}: default operating point {manifest.default_operating_point!r} is not on the frontier"
         )
+    if manifest.certification is not None:
+        _check_certification(manifest, path)
     if str(manifest.version) != version_dir.name or manifest.name != version_dir.parent.name:
         raise RepositoryError(f"{path}: says {manifest.name}/{manifest.version} but lives in {version_dir}")
     return manifest
+
+
+def _check_certification(manifest: Manifest, path: Path) -> None:
+    cert, exits = manifest.certification, len(manifest.exits)
+    assert cert is not None
+    frontier, own = [p.name for p in manifest.frontier], [p.name for p in cert.points]
+    if len(set(frontier + own)) != len(frontier) + len(own):
+        raise RepositoryError(f"{path}: certification's points repeat a name (or a frontier point's)")
+    if any(len(p.thresholds) != exits or len(p.exit_fractions) != exits for p in cert.points):
+        raise RepositoryError(f"{path}: a certification point does not have one threshold per exit")
+    names = set(frontier + own)
+    for c in cert.candidates:
+        if len(c.thresholds) != exits or max(c.disagreements, c.lost + c.gained) > cert.n:
+            raise RepositoryError(f"{path}: a certification candidate does not fit {exits} exits and n = {cert.n}")
+        if c.point not in names:
+            raise RepositoryError(f"{path}: certification names point {c.point!r}, which it does not define")
+    for certificate in cert.certificates:
+        if certificate.point not in names:
+            raise RepositoryError(f"{path}: certificate names point {certificate.point!r}, which it does not define")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from branchserve.repo.frontier import NEVER
-from branchserve.repo.manifest import Manifest
+from branchserve.repo.manifest import Manifest, OperatingPoint
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -46,10 +46,11 @@ def exits_table(m: Manifest) -> str:
     return table(headers, rows)
 
 
-def frontier_table(m: Manifest) -> str:
+def frontier_table(m: Manifest, points: Sequence[OperatingPoint] | None = None) -> str:
+    """The frontier's points (or `points`), cheapest first as stored."""
     final_test = m.exits[-1].test_accuracy
     rows = []
-    for p in m.frontier:
+    for p in m.frontier if points is None else points:
         early = "/".join("never" if t >= NEVER else f"{t:.4f}" for t in p.thresholds[:-1])
         rows.append(
             [
@@ -85,6 +86,16 @@ def latency_table(m: Manifest) -> str:
     return table(["batch", "stage ms", "chain ms", "full ms", "chain / full", "runs"], rows)
 
 
+def certification_table(m: Manifest) -> str:
+    assert m.certification is not None
+    macs = {p.name: p.expected_macs for p in m.frontier + m.certification.points}
+    rows = [
+        [c.risk, f"{c.epsilon:g}", f"{c.delta:g}", c.point, f"{c.bound:.4f}", f"{macs[c.point] / 1e6:.2f}"]
+        for c in m.certification.certificates
+    ]
+    return table(["risk", "ε", "δ", "cheapest certified point", "its bound", "MMACs"], rows)
+
+
 def print_summary(m: Manifest) -> None:
     c = m.cost
     load = "" if c.load_average is None else f", load average {c.load_average[0]:.2f}"
@@ -93,3 +104,13 @@ def print_summary(m: Manifest) -> None:
     print(f"\nFrontier (* default; test never chose anything):\n{frontier_table(m)}")
     print(f"\nLatency, median ms, on {c.host} ({c.cpu_count} CPUs{load}), measured {c.measured_at}:")
     print(latency_table(m))
+    cert = m.certification
+    if cert is None:
+        print("\nNot certified: `branchserve calibrate --certify` adds risk bounds (docs/export.md).")
+        return
+    print(f"\nCertified ({len(cert.candidates)} candidates counted on {cert.sample}):")
+    print(certification_table(m))
+    print(f"Method: {cert.method}.")
+    if cert.points:
+        print("\nCertification's own points (not on the frontier; certified policies may choose them):")
+        print(frontier_table(m, cert.points))

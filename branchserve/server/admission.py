@@ -13,7 +13,8 @@ judged by its *sojourn*, the time from its last byte arriving to its work starti
   `target` until one starts within it.
 
 The door counts a predict request once its body has arrived (a slow client never holds a place a
-fast one needs) until its answer is written. Refusals are 503 with Retry-After. (A request whose
+fast one needs) until its answer is written; the time with any request counted is the server's
+busy time, from which the ladder (server/ladder.py) reads its utilisation. Refusals are 503 with Retry-After. (A request whose
 own deadline passed while it waited, or leaves too little time for the first stage, is answered
 503 by predict itself: its deadline is known only once the body is decoded.)
 """
@@ -21,6 +22,7 @@ own deadline passed while it waited, or leaves too little time for the first sta
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import NoReturn
 
 from branchserve.server.errors import RequestError
@@ -28,33 +30,43 @@ from branchserve.server.metrics import Metrics, ModelLabels
 
 RETRY_AFTER = {"Retry-After": "1"}
 SERVICE_STEP = 0.05  # EWMA weight of one request's work time
+WAITS_KEPT = 4096  # recent sojourns the ladder reads (server/ladder.py)
 
 
 class Admission:
     def __init__(
         self,
         max_in_flight: int,
-        loaded_at: int,
         max_wait_s: float,
         target_s: float,
         interval_s: float,
         metrics: Metrics,
     ) -> None:
-        self.max_in_flight, self.loaded_at, self.metrics = max_in_flight, loaded_at, metrics
+        self.max_in_flight, self.metrics = max_in_flight, metrics
         self.max_wait, self.target, self.interval = max_wait_s, target_s, interval_s
         self.in_flight = 0  # predict requests received whole and not yet answered
         self.service_s = 0.001  # mean work time of one request (EWMA), to price the queue ahead
         self.waiting_since: float | None = None  # since then, every request waited more than `target`
+        self._busy_s, self._busy_from = 0.0, 0.0  # time with requests in flight: before and since `_busy_from`
+        self._waits: deque[float] = deque(maxlen=WAITS_KEPT)
+        self.started = 0  # requests judged by `start` so far
 
     @property
     def standing(self) -> bool:
         """Every request that started in the last `interval` or longer waited more than `target`."""
         return self.waiting_since is not None and time.perf_counter() - self.waiting_since > self.interval
 
-    @property
-    def loaded(self) -> bool:
-        """Serve at the cheaper load point: a queue stands, or more than `loaded_at` requests are in."""
-        return self.in_flight > self.loaded_at or self.standing
+    def busy_seconds(self) -> float:
+        """Seconds so far during which at least one request was in flight."""
+        ongoing = time.perf_counter() - self._busy_from if self.in_flight else 0.0
+        return self._busy_s + ongoing
+
+    def waits_since(self, started: int) -> tuple[list[float], int]:
+        """Sojourns of the requests judged since `self.started` was `started` (the latest WAITS_KEPT at most),
+        and `self.started` now."""
+        now = self.started
+        n = min(now - started, len(self._waits))
+        return (list(self._waits)[len(self._waits) - n :] if n > 0 else []), now
 
     def wait_limit(self) -> float:
         """How long a request may wait to start now."""
@@ -66,18 +78,24 @@ class Admission:
         return self.in_flight >= self.max_in_flight or self.in_flight * self.service_s > self.wait_limit()
 
     def arrived(self) -> None:
+        if not self.in_flight:
+            self._busy_from = time.perf_counter()
         self.in_flight += 1
         self.metrics.in_flight.inc()
 
     def left(self) -> None:
         self.in_flight -= 1
         self.metrics.in_flight.dec()
+        if not self.in_flight:
+            self._busy_s += time.perf_counter() - self._busy_from
 
     def start(self, model: ModelLabels, ready_at: float) -> float:
         """A request whose body arrived at `ready_at` is about to start its work: shed it (RequestError 503)
         if it waited too long; otherwise return the time work starts."""
         now = time.perf_counter()
         waited = now - ready_at
+        self._waits.append(waited)
+        self.started += 1
         if waited <= self.target:
             self.waiting_since = None
         elif self.waiting_since is None:

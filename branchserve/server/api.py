@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from branchserve.repo.points import Policy
+from branchserve.repo.points import Choice, Policy
 from branchserve.server.decoding import MULTIPART, QueryParams, media_type, multipart_file, parser_for, read_body
 from branchserve.server.dispatch import counted, dispatch
 from branchserve.server.encoding import encode_native
@@ -29,6 +29,7 @@ from branchserve.server.schemas import (
     ModelMetadata,
     ModelSummary,
     PredictResponse,
+    Rung,
 )
 from branchserve.server.state import ServerState, admin, client, served_model
 from branchserve.server.transport import READY_AT
@@ -114,15 +115,27 @@ async def list_models(server: Annotated[ServerState, Depends(client)]) -> list[M
     ]
 
 
+def rung_of(model: ServedModel, choice: Choice) -> Rung:
+    saved = None if choice.point is None else model.expected_saved(choice)
+    return Rung(
+        name=choice.name,
+        thresholds=list(choice.thresholds),
+        guarantee=choice.guarantee,
+        expected_compute_saved=saved,
+    )
+
+
 def current_point(model: ServedModel) -> CurrentOperatingPoint:
     choice = model.current()
-    saved = model.expected_saved(choice)
     return CurrentOperatingPoint(
         policy=model.policy,
         name=choice.name,
         thresholds=list(choice.thresholds),
-        expected_compute_saved=None if choice.point is None else saved,
+        guarantee=choice.guarantee,
+        expected_compute_saved=None if choice.point is None else model.expected_saved(choice),
         stage_latency_ms=model.runtime.clock.per_input_ms(),
+        rungs=[rung_of(model, c) for c in model.rungs],
+        rung=0 if model.ladder is None else min(model.ladder.rung, len(model.rungs) - 1),
     )
 
 
@@ -147,6 +160,7 @@ async def model_metadata(model: Annotated[ServedModel, Depends(served_model)]) -
             for e, c in zip(m.exits, model.runtime.cumulative_macs, strict=True)
         ],
         frontier=m.frontier,
+        certificates=[] if m.certification is None else m.certification.certificates,
         operating_point=current_point(model),
     )
 

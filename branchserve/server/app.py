@@ -33,6 +33,7 @@ from branchserve.server.auth import AdminToken, Keys
 from branchserve.server.decoding import Limits, validation_message
 from branchserve.server.errors import RequestError, error_key, error_response
 from branchserve.server.metrics import Metrics, ModelLabels
+from branchserve.server.monitor import MonitorSettings
 from branchserve.server.oip import repository_api
 from branchserve.server.oip import rest as oip_rest
 from branchserve.server.oip.repository_api import in_background
@@ -91,9 +92,19 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error", key=error_key(request.url.path))
 
 
-def served_repository(settings: Settings, metrics: Metrics) -> ModelRepository:
+def served_repository(settings: Settings, metrics: Metrics, admission: Admission) -> ModelRepository:
     """The repository at `settings.repository`, every model loaded as the version policy says."""
-    serving = Serving(settings.policy, settings.degrade_accuracy_drop, settings.intra_op_threads, metrics)
+    workers = settings.workers if RunFolder.of_this_worker() else 1
+    monitor = MonitorSettings(settings.monitor_fraction, settings.monitor_risk / workers, settings.monitor_action)
+    serving = Serving(
+        settings.policy,
+        settings.intra_op_threads,
+        metrics,
+        admission,
+        settings.ladder_spec,
+        monitor,
+        settings.inference_threads,
+    )
     repository = ModelRepository(settings.repository, settings.versions, serving)
     repository.load_all()
     return repository
@@ -103,7 +114,6 @@ def server_state(settings: Settings) -> ServerState:
     metrics = Metrics()
     admission = Admission(
         settings.max_in_flight,
-        settings.degrade_in_flight,
         settings.max_wait_ms / 1e3,
         settings.queue_target_ms / 1e3,
         settings.queue_interval_ms / 1e3,
@@ -118,7 +128,7 @@ def server_state(settings: Settings) -> ServerState:
         "need an API key" if keys.required else "open to every client (no API keys)",
     )
     peers = Peers(RunFolder.of_this_worker(), settings.workers)
-    repository = served_repository(settings, metrics)
+    repository = served_repository(settings, metrics, admission)
     return ServerState(settings, repository, metrics, admission, limits, keys, admin, peers)
 
 
@@ -211,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             following.cancel()
             if grpc is not None:
                 await grpc.stop(GRPC_GRACE_S)
+            server.repository.close()
             server.metrics.leave()
 
     app = FastAPI(

@@ -42,7 +42,7 @@ def respond(
 ) -> Encoded:
     """Predict and encode; a request whose deadline passed while it waited is shed, not computed late."""
     try:
-        return encode(model.predict(request, ready_at, admission.loaded))
+        return encode(model.predict(request, ready_at))
     except DeadlineError as e:
         admission.shed(model.labels, str(e), "expired")
 

@@ -8,7 +8,7 @@ from branchserve.server.predictor import Result
 
 
 def encode_native(result: Result) -> bytes:
-    outcome, labels, budget = result.outcome, result.manifest.labels, result.budget
+    outcome, labels, budget, guarantee = result.outcome, result.manifest.labels, result.budget, result.choice.guarantee
     classes = outcome.probs.argmax(axis=1).tolist()
     outputs: list[dict[str, object]] = [
         {"exit": k, "confidence": c, "class": y, "label": labels[y], "stages_run": k + 1}
@@ -29,6 +29,8 @@ def encode_native(result: Result) -> bytes:
                 "source": result.source,
                 "operating_point": result.choice.name,
                 "thresholds": result.choice.thresholds,
+                "rung": result.rung,
+                "guarantee": None if guarantee is None else guarantee.model_dump(),
                 "deadline_ms": budget.deadline_ms,
                 "max_exit": budget.max_exit,
                 "max_accuracy_drop": budget.max_accuracy_drop,

@@ -8,13 +8,17 @@ With several workers (server/workers.py) every worker writes prometheus-client's
 files and a scrape of any of them reads all: counters and histograms are summed exactly; the
 in-flight gauge is summed over live workers; the thresholds and the expected saving are the most
 recent any worker wrote (workers apply the same admin changes); `process_*` series are kept per
-worker, labelled `worker="<pid>"`.
+worker, labelled `worker="<pid>"`. Each worker runs its own ladder and exit-quality monitor (see
+docs/serving.md), so their state gauges (rung, ε served, utilisation, the monitor's estimates,
+bounds and alarms) are kept per live worker, labelled `pid`: aggregate them with `max by (...)`,
+as the alert rules in deploy/ do.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from branchserve.repo.quality import PointCheck
 from branchserve.server.runtime import Outcome
 
 REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -71,10 +76,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.degraded = Counter(
-            "branchserve_degraded_requests",
-            "Requests served at the cheaper point used under load",
-            ["model", "version"],
+        self.rung_requests = Counter(
+            "branchserve_rung_requests",
+            "Requests that followed the server's point, by the ladder rung that served them (0: the point itself)",
+            ["model", "version", "rung"],
             registry=r,
         )
         self.exit_answers = Counter(
@@ -130,6 +135,86 @@ class Metrics:
             registry=r,
         )
 
+        self._ladder_and_monitor(r)
+        self._before_render: list[Callable[[], None]] = []
+
+    def _ladder_and_monitor(self, r: CollectorRegistry) -> None:
+        model, point = ["model", "version"], ["model", "version", "point"]
+
+        def per_worker(name: str, doc: str, labels: list[str]) -> Gauge:
+            """A gauge of one worker's ladder or monitor: kept per live worker (label `pid`) with several."""
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode="liveall")
+
+        self.ladder_rung = per_worker(
+            "branchserve_ladder_rung", "Ladder rung serving now (0: the server's operating point)", model
+        )
+        self.ladder_moves = Counter(
+            "branchserve_ladder_moves", "Ladder moves: down is cheaper", [*model, "direction"], registry=r
+        )
+        self.served_epsilon = per_worker(
+            "branchserve_served_epsilon_ratio",
+            "Certified risk bound (ε) of the rung serving now; NaN without a certificate",
+            model,
+        )
+        self.utilisation = per_worker(
+            "branchserve_utilisation_ratio",
+            "Share of time with a request in flight, smoothed over the ladder's ticks",
+            model,
+        )
+        self.latency_objective = Gauge(
+            "branchserve_latency_objective_seconds",
+            "p99 latency the ladder holds",
+            model,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.monitor_sampled = Counter(
+            "branchserve_monitor_sampled_inputs", "Inputs checked at every exit by the monitor", model, registry=r
+        )
+        self.monitor_dropped = Counter(
+            "branchserve_monitor_dropped_inputs", "Sampled inputs dropped: no core was free in time", model, registry=r
+        )
+        self.monitor_seconds = Counter(
+            "branchserve_monitor_compute_seconds",
+            "Time spent finishing sampled inputs to the final exit",
+            model,
+            registry=r,
+        )
+        self.monitor_macs = Counter(
+            "branchserve_monitor_compute_macs", "MACs spent finishing sampled inputs", model, registry=r
+        )
+        self.disagreement = per_worker(
+            "branchserve_monitor_disagreement_ratio",
+            "Disagreement with the final exit seen in the point's current sequence",
+            point,
+        )
+        self.disagreement_lower = per_worker(
+            "branchserve_monitor_disagreement_lower_ratio",
+            "Anytime-valid lower bound on the point's disagreement (alarm when above its epsilon)",
+            point,
+        )
+        self.disagreement_upper = per_worker(
+            "branchserve_monitor_disagreement_upper_ratio",
+            "Anytime-valid upper bound on the point's disagreement (recovery when below its epsilon)",
+            point,
+        )
+        self.checked_epsilon = per_worker(
+            "branchserve_monitor_epsilon_ratio",
+            "Certified disagreement each watched point is checked against; NaN: watched, never alarmed",
+            point,
+        )
+        self.monitor_alarm = per_worker(
+            "branchserve_monitor_alarm", "1 while the point's exit-quality alarm is on", point
+        )
+        self.monitor_alarms = Counter("branchserve_monitor_alarms", "Exit-quality alarms raised", point, registry=r)
+        self.monitor_substituted = Counter(
+            "branchserve_monitor_substituted_requests",
+            "Requests served by a stricter point because of an exit-quality alarm",
+            model,
+            registry=r,
+        )
+        self._watched: dict[ModelLabels, list[str]] = {}
+
     def add_model(self, labels: ModelLabels, num_exits: int) -> None:
         """Create every series of a model version at zero, so rates and absences mean something from the start."""
         for outcome in OUTCOMES:
@@ -140,20 +225,34 @@ class Metrics:
             self.stage_seconds.labels(*labels, k)
         for m in (
             self.request_seconds,
-            self.degraded,
             self.deadline_requests,
             self.deadline_stops,
             self.deadline_misses,
             self.macs,
             self.full_depth_macs,
+            self.ladder_rung,
+            self.served_epsilon,
+            self.utilisation,
+            self.monitor_sampled,
+            self.monitor_dropped,
+            self.monitor_seconds,
+            self.monitor_macs,
+            self.monitor_substituted,
         ):
             m.labels(*labels)
+        for direction in ("down", "up"):
+            self.ladder_moves.labels(*labels, direction)
 
     def drop_model(self, labels: ModelLabels, num_exits: int) -> None:
-        """An unloaded version: its gauges go (they would claim thresholds nobody serves); counters stay."""
+        """An unloaded version: its gauges go (they would claim thresholds, rungs or alarms nobody serves);
+        counters stay."""
         for k in map(str, range(num_exits)):
             self.threshold.remove(*labels, k)
-        self.expected_saved.remove(*labels)
+        for gauge in (self.expected_saved, self.ladder_rung, self.served_epsilon, self.utilisation):
+            gauge.remove(*labels)
+        if labels in self._watched:
+            self.watch_points(labels, [])
+            del self._watched[labels]
 
     def set_thresholds(self, labels: ModelLabels, thresholds: tuple[float, ...], saved: float) -> None:
         for k, t in enumerate(thresholds):
@@ -172,7 +271,59 @@ class Metrics:
         self.macs.labels(*labels).inc(macs)
         self.full_depth_macs.labels(*labels).inc(full_macs)
 
+    def watch_points(self, labels: ModelLabels, points: Sequence[tuple[str, float | None]]) -> None:
+        """The monitor's points of a model version: series for each, and none left for points no longer
+        watched (with several workers a removed series stays in this worker's file, so its alarm is
+        cleared first)."""
+        per_point = (
+            self.disagreement,
+            self.disagreement_lower,
+            self.disagreement_upper,
+            self.checked_epsilon,
+            self.monitor_alarm,
+            self.monitor_alarms,
+        )
+        for old in self._watched.get(labels, []):
+            self.monitor_alarm.labels(*labels, old).set(0)
+            for m in per_point:
+                m.remove(*labels, old)
+        self._watched[labels] = [point for point, _ in points]
+        for point, epsilon in points:
+            for m in per_point:
+                m.labels(*labels, point)
+            self.checked_epsilon.labels(*labels, point).set(math.nan if epsilon is None else epsilon)
+            self.disagreement.labels(*labels, point).set(math.nan)
+            self.disagreement_upper.labels(*labels, point).set(1.0)
+
+    def observe_monitor(self, labels: ModelLabels, samples: int, seconds: float, macs: float) -> None:
+        self.monitor_sampled.labels(*labels).inc(samples)
+        self.monitor_seconds.labels(*labels).inc(seconds)
+        self.monitor_macs.labels(*labels).inc(macs)
+
+    def set_checks(self, labels: ModelLabels, points: Sequence[PointCheck], bounds: bool) -> None:
+        """Publish each point's alarm state and, when `bounds`, its estimate and anytime-valid bounds
+        (~1 ms a point to compute, so the monitor publishes them at most once a second and when /metrics
+        is read)."""
+        for p in points:
+            self.monitor_alarm.labels(*labels, p.name).set(p.alarmed)
+            if bounds:
+                seq = p.sequence
+                self.disagreement.labels(*labels, p.name).set(seq.mean)
+                self.disagreement_lower.labels(*labels, p.name).set(seq.lower())
+                self.disagreement_upper.labels(*labels, p.name).set(seq.upper())
+
+    def before_render(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` whenever the metrics are read, for figures too costly to keep current (with several
+        workers, only the worker that answers the scrape refreshes; the others' figures are as they wrote them)."""
+        self._before_render.append(refresh)
+
+    def stop_refreshing(self, refresh: Callable[[], None]) -> None:
+        if refresh in self._before_render:
+            self._before_render.remove(refresh)
+
     def render(self) -> bytes:
+        for refresh in self._before_render:
+            refresh()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         every_worker = CollectorRegistry()

@@ -3,6 +3,10 @@
 `predict` takes a decoded request and returns a `Result`, with no HTTP on either side: the REST
 routes decode before it and encode after it. It runs on the event loop for a light request and
 in a worker thread otherwise (server/api.py says when), so it is synchronous and thread-safe.
+
+Which point answers a request that follows the server's policy: the ladder's rung (rung 0 is the
+policy's point; server/ladder.py), unless the exit-quality monitor's action replaces an alarmed
+rung (server/monitor.py). Both are optional hooks: without them the policy's point answers.
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from branchserve.repo.frontier import expected_cost
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Choice, Policy, cheapest_meeting, choose
 from branchserve.repo.tensors import FloatArray
 from branchserve.server.budget import Budget
+from branchserve.server.ladder import Ladder
 from branchserve.server.metrics import Metrics, ModelLabels
+from branchserve.server.monitor import ExitMonitor
 from branchserve.server.runtime import ModelRuntime, Outcome
 
 RECHOOSE_SECONDS = 1.0  # a latency budget is re-priced with live stage latencies this often
 
-Source = Literal["server", "request", "load"]
+Source = Literal["server", "ladder", "monitor", "request"]
 
 
 class PredictError(ValueError):
@@ -52,6 +59,7 @@ class Result:
     outcome: Outcome
     choice: Choice
     source: Source
+    rung: int | None  # None for a request's own target
     budget: Budget
     probabilities: bool
     latency_s: float
@@ -59,7 +67,15 @@ class Result:
 
 
 class ServedModel:
-    def __init__(self, runtime: ModelRuntime, policy: Policy, degrade_drop: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        policy: Policy,
+        metrics: Metrics,
+        ladder: tuple[Ladder, list[Choice]] | None = None,
+        monitor: ExitMonitor | None = None,
+    ) -> None:
+        """`ladder`: its controller and the certified rungs below the policy's point, strictest first."""
         self.runtime = runtime
         self.manifest = runtime.manifest
         self.name = self.manifest.name
@@ -67,11 +83,21 @@ class ServedModel:
         self.labels: ModelLabels = (self.name, str(self.version))  # of its metric series
         self.metrics = metrics
         self.full_macs = float(runtime.cumulative_macs[-1])
-        self.load_point = Choice.of(cheapest_meeting(self.manifest, degrade_drop))
+        self.ladder: Ladder | None = ladder[0] if ladder else None
+        self._ladder_rungs: list[Choice] = ladder[1] if ladder else []
+        self.monitor = monitor
         metrics.add_model(self.labels, runtime.num_exits)
         self._lock = threading.Lock()
         self.policy = policy
         self.set_policy(policy)
+        if self.ladder is not None:
+            metrics.latency_objective.labels(*self.labels).set(self.ladder.objective_s)
+            self.ladder.priced_by(lambda: [self._stage_ms(c) for c in self.rungs])
+
+    def close(self) -> None:
+        """No longer served: the monitor's thread stops (requests that hold this version still finish)."""
+        if self.monitor is not None:
+            self.monitor.stop()
 
     def set_policy(self, policy: Policy, unless_changed_from: Policy | None = None) -> Choice:
         """Adopt a policy (ValueError if it does not fit this model) and publish its thresholds."""
@@ -79,6 +105,10 @@ class ServedModel:
             if unless_changed_from is None or self.policy is unless_changed_from:
                 choice = choose(self.manifest, policy, self.runtime.clock.per_input_ms())
                 self.policy, self.choice, self.chosen_at = policy, choice, time.monotonic()
+                self.rungs = [choice, *(c for c in self._ladder_rungs if self._macs(c) < self._macs(choice))]
+                if self.monitor is not None:
+                    self.monitor.watch(self.rungs)
+                self._publish_rung(0 if self.ladder is None else self.ladder.rung)
                 self.metrics.set_thresholds(self.labels, choice.thresholds, self.expected_saved(choice))
             return self.choice
 
@@ -92,30 +122,43 @@ class ServedModel:
     def expected_saved(self, choice: Choice) -> float:
         return math.nan if choice.point is None else 1.0 - choice.point.expected_macs / self.full_macs
 
-    def _thresholds(self, budget: Budget, loaded: bool) -> tuple[Choice, Source]:
-        if budget.max_accuracy_drop is not None:
-            return Choice.of(cheapest_meeting(self.manifest, budget.max_accuracy_drop)), "request"
-        choice = self.current()
-        load = self.load_point
-        assert load.point is not None
-        if loaded and (choice.point is None or load.point.expected_macs < choice.point.expected_macs):
-            return load, "load"
-        return choice, "server"
+    def _macs(self, choice: Choice) -> float:
+        return self.full_macs if choice.point is None else choice.point.expected_macs
 
-    def predict(self, request: PredictRequest, started: float, loaded: bool) -> Result:
-        """Answer a request received at `started` (time.perf_counter()); `loaded`: prefer the load point."""
+    def _stage_ms(self, choice: Choice) -> float:
+        """Expected stage time per input, priced live (explicit thresholds: as full depth)."""
+        stage_ms = self.runtime.clock.per_input_ms()
+        return sum(stage_ms) if choice.point is None else expected_cost(choice.point.exit_fractions, stage_ms)
+
+    def _thresholds(self, budget: Budget) -> tuple[Choice, Source, int | None]:
+        if budget.max_accuracy_drop is not None:
+            return Choice.of(cheapest_meeting(self.manifest, budget.max_accuracy_drop)), "request", None
+        self.current()
+        rungs = self.rungs
+        rung = 0 if self.ladder is None else min(self.ladder.rung, len(rungs) - 1)
+        replaced = None if self.monitor is None else self.monitor.serving(rungs, rung)
+        if replaced is not None:
+            return replaced, "monitor", rung
+        return rungs[rung], ("ladder" if rung else "server"), rung
+
+    def predict(self, request: PredictRequest, started: float) -> Result:
+        """Answer a request whose body arrived at `started` (time.perf_counter())."""
         budget, last = request.budget, self.runtime.num_exits - 1
         if budget.max_exit is not None and budget.max_exit > last:
             raise PredictError(f"budget.max_exit: {self.name} has exits 0..{last}")
         x = request.inputs()
-        choice, source = self._thresholds(budget, loaded)
+        choice, source, rung = self._thresholds(budget)
         max_exit = last if budget.max_exit is None else budget.max_exit
         deadline_at = None if budget.deadline_ms is None else self._deadline(budget.deadline_ms, len(x), started)
-        outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at)
+        trace = None if self.monitor is None else self.monitor.trace(len(x))
+        outcome = self.runtime.run(x, choice.thresholds, max_exit, deadline_at, trace)
+        if trace is not None and self.monitor is not None:
+            self.monitor.submit(trace)
         latency = time.perf_counter() - started
         missed = None if deadline_at is None else started + latency > deadline_at
-        self._observe(outcome, latency, source, missed)
-        return Result(self.manifest, outcome, choice, source, budget, request.probabilities, latency, missed)
+        self._observe(outcome, latency, source, rung, missed)
+        self._steer(len(x))
+        return Result(self.manifest, outcome, choice, source, rung, budget, request.probabilities, latency, missed)
 
     def _deadline(self, deadline_ms: float, rows: int, started: float) -> float:
         """The instant a deadline falls due; refuses one no answer could meet (PredictError) and one
@@ -131,13 +174,32 @@ class ServedModel:
             raise DeadlineError(f"deadline passed {late_ms:.2f} ms ago, while the request waited to start")
         return started + deadline_ms / 1e3
 
-    def _observe(self, outcome: Outcome, latency: float, source: Source, missed: bool | None) -> None:
+    def _steer(self, inputs: int) -> None:
+        """Count a request for the ladder; publish a move."""
+        if self.ladder is None:
+            return
+        before = self.ladder.rung
+        moved_to = self.ladder.observe(inputs)
+        self.metrics.utilisation.labels(*self.labels).set(self.ladder.utilisation)
+        if moved_to is not None:
+            self.metrics.ladder_moves.labels(*self.labels, "down" if moved_to > before else "up").inc()
+            self._publish_rung(moved_to)
+
+    def _publish_rung(self, rung: int) -> None:
+        rung = min(rung, len(self.rungs) - 1)
+        guarantee = self.rungs[rung].guarantee
+        self.metrics.ladder_rung.labels(*self.labels).set(rung)
+        self.metrics.served_epsilon.labels(*self.labels).set(math.nan if guarantee is None else guarantee.epsilon)
+
+    def _observe(self, outcome: Outcome, latency: float, source: Source, rung: int | None, missed: bool | None) -> None:
         m, labels, exits = self.metrics, self.labels, outcome.exits
         m.observe_run(labels, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
         m.requests.labels(*labels, "ok").inc()
         m.request_seconds.labels(*labels).observe(latency)
-        if source == "load":
-            m.degraded.labels(*labels).inc()
+        if rung is not None:
+            m.rung_requests.labels(*labels, str(rung)).inc()
+        if source == "monitor":
+            m.monitor_substituted.labels(*labels).inc()
         if missed is not None:
             m.deadline_requests.labels(*labels).inc()
             m.deadline_stops.labels(*labels).inc(outcome.deadline_stopped)

@@ -27,12 +27,16 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
     RuntimeException,
 )
 
+from branchserve.repo.certify import NotCertified
 from branchserve.repo.loading import load_version, model_dirs, version_dirs
 from branchserve.repo.manifest import RepositoryError
-from branchserve.repo.points import Policy
+from branchserve.repo.points import Choice, Policy
 from branchserve.repo.versions import VersionPolicy
+from branchserve.server.admission import Admission
 from branchserve.server.errors import RequestError
+from branchserve.server.ladder import Ladder, LadderSpec, certified_rungs
 from branchserve.server.metrics import Metrics
+from branchserve.server.monitor import ExitMonitor, MonitorSettings
 from branchserve.server.predictor import ServedModel
 from branchserve.server.runtime import ModelRuntime
 
@@ -63,12 +67,37 @@ class VersionState:
 
 @dataclass(frozen=True)
 class Serving:
-    """How new versions are served: the server's settings that a version's `ServedModel` takes."""
+    """How new versions are served: the server's settings that a version's `ServedModel` takes, and
+    this worker's admission, whose queueing the ladder reads and whose idle cores the monitor uses."""
 
     policy: Policy
-    degrade_accuracy_drop: float
     intra_op_threads: int
     metrics: Metrics
+    admission: Admission
+    ladder: LadderSpec
+    monitor: MonitorSettings
+    inference_threads: int
+
+    def served_model(self, runtime: ModelRuntime, policy: Policy) -> ServedModel:
+        """A version served with its own ladder and exit-quality monitor (its thread started); ValueError
+        if `policy` does not fit it."""
+        admission, cores = self.admission, self.inference_threads
+        monitor = ExitMonitor(runtime, self.monitor, self.metrics, idle=lambda: admission.in_flight < cores)
+        model = ServedModel(runtime, policy, self.metrics, self._ladder(runtime), monitor)
+        monitor.start()
+        return model
+
+    def _ladder(self, runtime: ModelRuntime) -> tuple[Ladder, list[Choice]] | None:
+        """The ladder's controller and certified rungs; None when the ladder is off or the version has no
+        certification counts."""
+        if not self.ladder.targets:
+            return None
+        try:
+            rungs = certified_rungs(runtime.manifest, self.ladder)
+        except NotCertified as e:
+            log.warning("no load-adaptive ladder for %s/%s: %s", runtime.manifest.name, runtime.manifest.version, e)
+            return None
+        return Ladder(self.ladder.p99_ms / 1e3, self.admission), rungs
 
 
 class ModelRepository:
@@ -161,19 +190,20 @@ class ModelRepository:
             raise RepositoryError(f"{name}/{version} failed to load: {e}") from None
         policy = self._policies.get(name, s.policy)
         try:
-            model = ServedModel(runtime, policy, s.degrade_accuracy_drop, s.metrics)
+            model = s.served_model(runtime, policy)
         except ValueError as e:
             if policy == s.policy:
                 self._reasons[(name, version)] = f"failed to load: {e}"
                 raise RepositoryError(f"{name}/{version}: the server's operating point does not fit: {e}") from None
             log.warning("%s/%s: operating point %s does not fit (%s); using the server's", name, version, policy, e)
-            model = ServedModel(runtime, s.policy, s.degrade_accuracy_drop, s.metrics)
+            model = s.served_model(runtime, s.policy)
         self._reasons.pop((name, version), None)
         log.info("loaded %s/%s from %s (%d exits)", name, version, version_dir, runtime.num_exits)
         return model
 
     def _retire(self, model: ServedModel) -> None:
         """A version no longer served; requests that hold it still finish on it."""
+        model.close()
         self.serving.metrics.drop_model(model.labels, model.runtime.num_exits)
         log.info("unloaded %s/%s", model.name, model.version)
 
@@ -189,6 +219,11 @@ class ModelRepository:
                 self._retire(model)
                 self._reasons[(name, v)] = "unloaded"
             return sorted(current)
+
+    def close(self) -> None:
+        """The server is stopping: every served version's monitor thread stops."""
+        for model in self.served():
+            model.close()
 
     def index(self) -> list[VersionState]:
         """Every version on disk or served, with its state."""

@@ -17,7 +17,7 @@ from typing import cast
 import numpy as np
 import onnxruntime as ort
 
-from branchserve.repo.confidence import exit_confidence, softmax
+from branchserve.repo.confidence import confidence, exit_confidence, softmax
 from branchserve.repo.graphcalls import BoundChain, graph_call
 from branchserve.repo.manifest import Manifest, StageSpec
 from branchserve.repo.sessions import load_session
@@ -77,6 +77,40 @@ class Outcome:
     stage_seconds: list[float]  # wall time of each stage call
     scored: list[FloatArray | Float64Array]  # confidence of every row each stage call computed, answered there or not
     deadline_stopped: bool
+
+
+class Trace:
+    """Every exit's confidence and class for a few rows of one run (those the exit-quality monitor
+    sampled), and each row's last stage and boundary tensor, so it can be finished later."""
+
+    def __init__(self, n: int, rows: Sequence[int], exits: int) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.position = np.full(n, -1, np.int64)
+        self.position[self.rows] = np.arange(len(self.rows))
+        self.confidence = np.full((exits, len(self.rows)), np.nan, np.float32)
+        self.classes = np.full((exits, len(self.rows)), -1, np.int64)
+        self.reached = np.zeros(len(self.rows), np.int64)
+        self.boundary: dict[int, FloatArray] = {}  # traced position → boundary after its last stage
+
+    def record(
+        self,
+        k: int,
+        active: IntArray,
+        conf: FloatArray | Float64Array,
+        logits: FloatArray,
+        boundary: FloatArray | None,
+    ) -> None:
+        where = self.position[active]
+        hit = np.flatnonzero(where >= 0)
+        if not len(hit):
+            return
+        rows = where[hit]
+        self.confidence[k, rows], self.classes[k, rows], self.reached[rows] = conf[hit], logits[hit].argmax(1), k
+        for row, i in zip(rows.tolist(), hit.tolist(), strict=True):
+            if boundary is None:
+                self.boundary.pop(row, None)
+            else:
+                self.boundary[row] = boundary[i].copy()  # a copy: the batch's tensor is not kept alive
 
 
 class Stage:
@@ -171,9 +205,15 @@ class ModelRuntime:
         return time.perf_counter() + self.clock.worst_case(k, rows) > deadline_at
 
     def run(
-        self, x: FloatArray, thresholds: Sequence[float], max_exit: int, deadline_at: float | None = None
+        self,
+        x: FloatArray,
+        thresholds: Sequence[float],
+        max_exit: int,
+        deadline_at: float | None = None,
+        trace: Trace | None = None,
     ) -> Outcome:
-        """Run (n, C, H, W) inputs; `deadline_at` is a time.perf_counter() instant.
+        """Run (n, C, H, W) inputs; `deadline_at` is a time.perf_counter() instant; `trace` keeps what the
+        exit-quality monitor needs of the rows it sampled.
 
         Only confidences are computed per stage (for max-softmax, 1/Σexp(z − max), without the
         full softmax); inputs are written to the answer when they leave, and probabilities once at
@@ -197,6 +237,8 @@ class ModelRuntime:
             seconds.append(dt)
             scored.append(c)
             ran = k
+            if trace is not None:
+                trace.record(k, rows, c, logits, boundary)
             if k >= max_exit or boundary is None:
                 break
             stay = c < thresholds[k]
@@ -230,3 +272,16 @@ class ModelRuntime:
             for k, rows, c, z in answered:
                 exits[rows], conf[rows], logits[rows] = k, c, z
         return Outcome(exits, conf.astype(np.float32, copy=False), softmax(logits), logits, seconds, scored, stopped)
+
+    def finish(self, k: int, h: FloatArray) -> tuple[list[FloatArray], list[FloatArray]]:
+        """Run stages k.. on boundary tensor `h` (of stage k − 1) to the last exit, off the request path:
+        the confidence and probabilities of each exit reached; the live clock is left alone."""
+        confidences, probabilities = [], []
+        for stage in self.stages[k:]:
+            logits, boundary = stage(h)
+            p = softmax(logits)
+            confidences.append(confidence(p, self.manifest.confidence).astype(np.float32))
+            probabilities.append(p)
+            if boundary is not None:
+                h = boundary
+        return confidences, probabilities

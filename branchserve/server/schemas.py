@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from typing_extensions import TypeAliasType
 
-from branchserve.repo.manifest import ConfidenceKind, InputSpec, OperatingPoint
+from branchserve.repo.manifest import Certificate, ConfidenceKind, Guarantee, InputSpec, OperatingPoint
 from branchserve.repo.points import Policy
 from branchserve.server.budget import Budget
 
@@ -60,12 +60,17 @@ class Prediction(BaseModel):
 
 
 class AppliedBudget(BaseModel):
-    source: Literal["server", "request", "load"] = Field(
-        description="server: the server's operating point; request: the request's max_accuracy_drop; "
-        "load: the cheaper point used while many requests are in flight"
+    source: Literal["server", "ladder", "monitor", "request"] = Field(
+        description="server: the server's operating point; ladder: a cheaper certified rung chosen under load; "
+        "monitor: a stricter point serving for a rung whose exit-quality alarm is on; request: the request's "
+        "max_accuracy_drop"
     )
     operating_point: str
     thresholds: list[float]
+    rung: int | None = Field(description="ladder rung (0: the server's point); null for a request's own target")
+    guarantee: Guarantee | None = Field(
+        description="what the answering point is certified for; null when its choice made no certified claim"
+    )
     deadline_ms: float | None
     max_exit: int | None
     max_accuracy_drop: float | None
@@ -86,6 +91,8 @@ class PredictResponse(BaseModel):
                         "source": "server",
                         "operating_point": "near-final",
                         "thresholds": [0.93, 0.9, 0.8, 0.0],
+                        "rung": 0,
+                        "guarantee": None,
                         "deadline_ms": None,
                         "max_exit": None,
                         "max_accuracy_drop": None,
@@ -119,12 +126,22 @@ class ExitInfo(BaseModel):
     cumulative_macs: int = Field(description="MACs to answer from this exit")
 
 
+class Rung(BaseModel):
+    name: str
+    thresholds: list[float]
+    guarantee: Guarantee | None
+    expected_compute_saved: float | None = Field(description="vs full depth, by MACs; null for explicit thresholds")
+
+
 class CurrentOperatingPoint(BaseModel):
     policy: Policy
     name: str
     thresholds: list[float]
+    guarantee: Guarantee | None = Field(description="what the policy's point is certified for, if anything")
     expected_compute_saved: float | None = Field(description="vs full depth, by MACs; null for explicit thresholds")
     stage_latency_ms: list[float] = Field(description="live per-stage latency for one input on this host")
+    rungs: list[Rung] = Field(description="the ladder's rungs, the policy's point first; one when the ladder is off")
+    rung: int = Field(description="the rung serving requests that follow the policy now")
 
 
 class ModelSummary(BaseModel):
@@ -142,4 +159,5 @@ class ModelMetadata(BaseModel):
     confidence: ConfidenceKind
     exits: list[ExitInfo]
     frontier: list[OperatingPoint]
+    certificates: list[Certificate] = Field(description="targets certified when the version was calibrated")
     operating_point: CurrentOperatingPoint

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from branchserve.repo.points import Policy
 from branchserve.repo.versions import LATEST_ONE, VersionPolicy
+from branchserve.server.ladder import LadderSpec
 
 MIN_TOKEN_CHARS = 16
 
@@ -79,11 +80,22 @@ class Settings(BaseSettings):
         min_length=1,
         description="image formats predict decodes, checked from the first bytes before any decoder runs",
     )
-    degrade_in_flight: int = Field(
-        16, ge=1, description="above this many requests in flight, serve at the cheaper load point"
+    ladder: str = Field(
+        '{"p99_ms": 25, "risk": 0.05, "max_disagreement": [0.02, 0.05]}',
+        description="load-adaptive ladder, as JSON: the p99 objective and the certified targets of its cheaper rungs, "
+        "loosest last (the floor); {} turns it off",
     )
-    degrade_accuracy_drop: float = Field(
-        0.01, ge=0, le=1, description="the load point: cheapest point within this accuracy drop of the final exit"
+    monitor_fraction: float = Field(
+        0.02, ge=0, le=1, description="share of inputs the exit-quality monitor runs to the final exit (0: off)"
+    )
+    monitor_risk: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="exit-quality monitor: probability of any false alarm while traffic is as certified",
+    )
+    monitor_action: Literal["alert", "stricter", "full"] = Field(
+        "alert", description="on an exit-quality alarm: alert only, serve the next stricter rung, or full depth"
     )
     admin_token: SecretStr | None = Field(
         None,
@@ -102,6 +114,12 @@ class Settings(BaseSettings):
     @classmethod
     def _is_policy(cls, text: str) -> str:
         Policy.model_validate_json(text)
+        return text
+
+    @field_validator("ladder")
+    @classmethod
+    def _is_ladder(cls, text: str) -> str:
+        LadderSpec.model_validate_json(text)
         return text
 
     @field_validator("version_policy")
@@ -140,6 +158,10 @@ class Settings(BaseSettings):
     @property
     def policy(self) -> Policy:
         return Policy.model_validate_json(self.operating_point)
+
+    @property
+    def ladder_spec(self) -> LadderSpec:
+        return LadderSpec.model_validate_json(self.ladder)
 
     @property
     def versions(self) -> VersionPolicy:

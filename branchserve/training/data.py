@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from branchserve.fmnist import LABELS as FMNIST_LABELS
-from branchserve.fmnist import DataError, fmnist_dir, read_split
+from branchserve.fmnist import DataError, fmnist_dir, read_split, split_indices
 from branchserve.repo.imaging import image_to_pixels, normalise
 from branchserve.repo.manifest import InputSpec
 from branchserve.training.config import DataSource
@@ -89,14 +89,6 @@ def load_data(source: DataSource, spec: InputSpec | None = None, workers: int = 
 
         return load_image_folder(source, spec, workers, progress)
     return load_fashion_mnist(source.path, split_seed=source.split_seed, source=source, spec=spec)
-
-
-def split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation cut into (train, val)."""
-    if not 0 < n_val < n:
-        raise DataError(f"cannot hold out {n_val} of {n} samples for validation")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def provisional_spec(size: int, color: str, resize: str = "stretch") -> InputSpec:

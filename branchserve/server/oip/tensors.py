@@ -272,14 +272,19 @@ def output_tensors(result: Result, names: Sequence[str]) -> list[OutputTensor]:
 
 
 def response_parameters(result: Result) -> dict[str, Parameter]:
-    """What was applied: the operating point and where it came from, stages run, deadline outcome."""
-    outcome = result.outcome
+    """What was applied: the operating point and where it came from, the ladder's rung and the guarantee the
+    point is certified for (flattened: OIP parameters are scalars), stages run, deadline outcome."""
+    outcome, guarantee = result.outcome, result.choice.guarantee
     params: dict[str, Parameter] = {
         "operating_point": result.choice.name,
         "source": result.source,
         "stages_run": len(outcome.stage_seconds),
         "deadline_stopped": outcome.deadline_stopped,
     }
+    if result.rung is not None:
+        params["rung"] = result.rung
+    if guarantee is not None:
+        params |= {f"guarantee_{k}": v for k, v in guarantee.model_dump().items()}
     if result.deadline_missed is not None:
         params["deadline_missed"] = result.deadline_missed
     return params

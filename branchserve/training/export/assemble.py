@@ -11,6 +11,7 @@ from typing import Any
 import onnx
 import torch
 
+from branchserve.repo.certify import certify
 from branchserve.repo.frontier import ExitScores
 from branchserve.repo.manifest import ExitSpec, FullGraphSpec, InputSpec, Manifest, StageSpec, input_from_v1, sha256_of
 from branchserve.repo.profiling import cost_profile
@@ -75,9 +76,8 @@ def assemble_version(
         stage_files, work / FULL_FILE, run.input.shape, settings.batch_sizes, settings.latency_runs, progress
     )
     per_stage = stage_macs(model)
-    frontier, default = frontier_points(
-        val, test, [float(r["backbone_macs"] + r["head_macs"]) for r in per_stage], cost, settings
-    )
+    macs = [float(r["backbone_macs"] + r["head_macs"]) for r in per_stage]
+    frontier, default = frontier_points(val, test, macs, cost, settings)
     return Manifest(
         name=name,
         version=version,
@@ -109,6 +109,7 @@ def assemble_version(
         frontier=frontier,
         default_operating_point=default,
         cost=cost,
+        certification=certify(val, test, macs, settings.search, frontier, cost.at_batch(1), settings.certify),
         provenance=provenance(run, data, settings, worst),
     )
 

@@ -12,12 +12,13 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from branchserve.repo.certify import DEFAULT_TARGETS, Target
 from branchserve.repo.frontier import (
     ExitScores,
     SearchSettings,
     cheapest_within,
-    expected_cost,
     full_thresholds,
+    operating_points,
     score,
     search,
 )
@@ -72,6 +73,7 @@ class ExportSettings:
     confidence: ConfidenceKind = "max_softmax"
     search: SearchSettings = field(default_factory=SearchSettings)
     default_tolerance: float = 0.003
+    certify: tuple[Target, ...] = DEFAULT_TARGETS
     batch_sizes: tuple[int, ...] = (1, 8, 64)
     latency_runs: int = 2000
     numerics_batch: int = 256
@@ -82,33 +84,13 @@ def frontier_points(
 ) -> tuple[list[OperatingPoint], str]:
     """The searched frontier plus the full-depth point, scored on val, held-out half and test; and the default."""
     found, half_b = search(val, macs, settings.search)
-    n = val.confidence.shape[0]
-    found.append(("full", full_thresholds(n)))
+    found.append(("full", full_thresholds(val.confidence.shape[0])))
     rows = np.stack([t for _, t in found])
-    val_acc, val_frac = score(val, rows)
-    hold_acc, _ = score(val.take(half_b), rows)
-    test_acc, test_frac = score(test, rows)
-    batch1 = cost.at_batch(1)
-    points = []
-    order = np.argsort([expected_cost(f, macs) for f in val_frac], kind="stable")
-    for rank, i in enumerate(order):
-        kind = found[i][0]
-        latency = expected_cost(val_frac[i], batch1.stage_ms)
-        points.append(
-            OperatingPoint(
-                name=FINAL if kind == "full" else f"{kind}-{rank:02d}",
-                search=kind,
-                thresholds=[float(t) for t in rows[i]],
-                val_accuracy=float(val_acc[i]),
-                holdout_accuracy=float(hold_acc[i]),
-                test_accuracy=float(test_acc[i]),
-                exit_fractions=[float(f) for f in val_frac[i]],
-                test_exit_fractions=[float(f) for f in test_frac[i]],
-                expected_macs=expected_cost(val_frac[i], macs),
-                expected_latency_ms=latency,
-                relative_cost=latency / batch1.full_graph_ms,
-            )
-        )
+    order = np.argsort(score(val, rows)[1] @ np.cumsum(macs), kind="stable")  # cheapest first
+    named = [
+        (FINAL if found[i][0] == "full" else f"{found[i][0]}-{rank:02d}", found[i][0]) for rank, i in enumerate(order)
+    ]
+    points = operating_points(named, rows[order], val, test, macs, cost.at_batch(1), val.take(half_b))
     final_acc = float(val.correct[-1].mean())
     default = cheapest_within(points, final_acc, settings.default_tolerance)
     if default.name != FINAL:
