@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from branchserve.fmnist import DataError
 from branchserve.training.config import DataSource
-from branchserve.training.data import DataError, load_data
+from branchserve.training.data import load_data
 from branchserve.training.synthetic import class_names, write_folder
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from branchserve.fmnist import LABELS as FMNIST_LABELS
-from branchserve.fmnist import DataError, fmnist_dir, read_split, split_indices
+from branchserve.fmnist import fmnist_dir, read_split, split_indices
 from branchserve.repo.imaging import image_to_pixels, normalise
 from branchserve.repo.manifest import InputSpec
 from branchserve.training.config import DataSource
