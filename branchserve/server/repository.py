@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,13 +28,13 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 )
 
 from branchserve.repo.loading import load_version, model_dirs, version_dirs
-from branchserve.repo.manifest import RepositoryError
+from branchserve.repo.manifest import Manifest, RepositoryError
 from branchserve.repo.points import Policy
 from branchserve.repo.versions import VersionPolicy
 from branchserve.server.errors import RequestError
 from branchserve.server.metrics import Metrics
 from branchserve.server.predictor import ServedModel
-from branchserve.server.runtime import ModelRuntime
+from branchserve.server.runtime import ModelRuntime, StageCall
 
 log = logging.getLogger("branchserve")
 
@@ -69,6 +69,7 @@ class Serving:
     degrade_accuracy_drop: float
     intra_op_threads: int
     metrics: Metrics
+    remote_stages: Callable[[Manifest], Sequence[StageCall]] | None = None  # the Ray stages layout; None: sessions here
 
 
 class ModelRepository:
@@ -155,7 +156,8 @@ class ModelRepository:
         s = self.serving
         try:
             manifest = load_version(version_dir)
-            runtime = ModelRuntime(manifest, version_dir, s.intra_op_threads)
+            stages = None if s.remote_stages is None else s.remote_stages(manifest)
+            runtime = ModelRuntime(manifest, version_dir, s.intra_op_threads, stages)
         except LOAD_ERRORS as e:
             self._reasons[(name, version)] = f"failed to load: {e}"
             raise RepositoryError(f"{name}/{version} failed to load: {e}") from None

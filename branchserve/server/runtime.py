@@ -8,7 +8,7 @@ the event loop and the rest in worker threads.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -77,6 +77,10 @@ class Outcome:
     deadline_stopped: bool
 
 
+StageCall = Callable[[FloatArray], tuple[FloatArray, FloatArray | None]]
+"""A stage as the runtime calls it: input (or boundary) rows → (exit logits, boundary or None)."""
+
+
 class Stage:
     def __init__(self, spec: StageSpec, session: ort.InferenceSession) -> None:
         self.input_name = spec.input_name
@@ -94,9 +98,20 @@ class Stage:
 class ModelRuntime:
     """One served model version: a session per stage and a clock calibrated on this host."""
 
-    def __init__(self, manifest: Manifest, version_dir: Path, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        version_dir: Path,
+        intra_op_threads: int = 1,
+        stages: Sequence[StageCall] | None = None,
+    ) -> None:
+        """`stages`: where the stages run when not in this process's sessions (the Ray stages layout's deployments)."""
         self.manifest = manifest
-        self.stages = [Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages]
+        self.stages: list[StageCall] = (
+            [Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages]
+            if stages is None
+            else list(stages)
+        )
         self.input_shape = manifest.input.shape
         stage_macs = [s.backbone_macs + s.head_macs for s in manifest.stages]
         self.cumulative_macs: IntArray = np.cumsum(stage_macs, dtype=np.int64)
