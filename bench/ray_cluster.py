@@ -13,7 +13,8 @@ single-process server (`branchserve serve --workers 1`) on the same repository. 
 2. **Capacity** (bench/workers.py's method: wrk posting the shipped sample PNGs closed loop, more
    connections each step; the highest throughput with p99 ≤ `--p99-ms` and every answer 200), of
    the plain server, the replicas layout and the stages layout, taking turns in each repeat; then
-   throughput and p50/p99 of each at a fixed closed-loop load of 8 connections; medians.
+   throughput, p50/p99 and the servers' CPU per request (every process of the Ray cluster, idle
+   work included) of each at a fixed closed-loop load of 8 connections; medians.
 3. **Hop cost**: sequential requests (one at a time), their latency by how many stages they ran
    (`stages_run`), replicas layout against stages layout. In the stages layout each stage a
    request runs is one more call to a stage deployment: the difference divided by the stages run
@@ -48,7 +49,7 @@ from ray.cluster_utils import Cluster
 from workers import MODEL, ROOT, capacity_at, wrk
 
 from branchserve.fmnist import read_split
-from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
+from branchserve.loadtest.servers import Server, branchserve_cmd, cpu_seconds, free_port, started_server
 from branchserve.ray.app import build
 from branchserve.ray.args import AppArgs
 from branchserve.repo.loading import load_version
@@ -57,6 +58,7 @@ from branchserve.server.runtime import Stage
 
 REPOSITORY = ROOT / "models"
 PNG = {"content-type": "image/png"}
+RETRIES = 20
 SATURATING = 8  # connections of the fixed-load run: enough to keep every replica busy
 Answer = tuple[int, int, float, int, float]  # exit, class, confidence, stages_run, client latency (ms)
 
@@ -98,9 +100,14 @@ def png(image: np.ndarray) -> bytes:
 
 def answers(url: str, bodies: list[bytes], threads: int, params: dict[str, str] | None = None) -> list[Answer]:
     def one(client: httpx.Client, body: bytes) -> Answer:
-        start = time.perf_counter()
-        r = client.post(f"/v1/models/{MODEL}/predict", content=body, headers=PNG, params=params).raise_for_status()
-        latency_ms = (time.perf_counter() - start) * 1e3
+        for _ in range(RETRIES):  # a 503 (a busy host's stall shed by admission): ask again, as it says
+            start = time.perf_counter()
+            r = client.post(f"/v1/models/{MODEL}/predict", content=body, headers=PNG, params=params)
+            latency_ms = (time.perf_counter() - start) * 1e3
+            if r.status_code != 503:
+                break
+            time.sleep(0.1)
+        r.raise_for_status()
         out = r.json()["outputs"][0]
         return out["exit"], out["class"], out["confidence"], out["stages_run"], latency_ms
 
@@ -175,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, started_server(cmd, port, Path(tmp) / "server.log") as plain:
         cluster, url = start_cluster(Path(tmp))
         try:
-            figures = run(args, plain.url, url, bodies)
+            figures = run(args, plain, url, bodies)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -187,7 +194,32 @@ def main() -> None:
     sys.exit(0 if all(figures["checks"].values()) else 1)
 
 
-def run(args: argparse.Namespace, plain: str, url: str, bodies: list[bytes]) -> dict[str, Any]:
+def server_pids(plain: Server) -> dict[str, list[int]]:
+    """The plain server's process, and Ray's: every other process this one started (the nodes'
+    GCS, raylets, dashboard and agents, and below them the proxy, the controller and the replicas)."""
+    me = os.getpid()
+    children = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _ppid(d.name) == me]
+    return {"plain": [plain.pid], "ray": [c for c in children if c != plain.pid]}
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def loaded(base: str, prefix: str, seconds: float, pids: list[int]) -> dict[str, Any]:
+    """wrk at SATURATING connections, and the servers' CPU per answered request meanwhile."""
+    before = sum(cpu_seconds(p) for p in pids)
+    step = wrk(base, SATURATING, seconds, prefix)
+    step["cpu_ms_per_request"] = (sum(cpu_seconds(p) for p in pids) - before) / max(step["ok"], 1) * 1e3
+    return step
+
+
+def run(args: argparse.Namespace, plain_server: Server, url: str, bodies: list[bytes]) -> dict[str, Any]:
+    plain, pids = plain_server.url, server_pids(plain_server)
     agree = agreement({"plain": plain, "replicas": url, "stages": f"{url}/stages"}, bodies)
     print(json.dumps(agree), flush=True)
     servers = {"plain": (plain, ""), "replicas": (url, ""), "stages": (url, "/stages")}
@@ -197,10 +229,10 @@ def run(args: argparse.Namespace, plain: str, url: str, bodies: list[bytes]) -> 
         print(f"repeat {r}:", flush=True)
         for name, (base, prefix) in servers.items():
             capacity[name].append(capacity_at(base, args.seconds, args.p99_ms, name, prefix)[0])
-            saturated[name].append(wrk(base, SATURATING, args.seconds, prefix))
+            saturated[name].append(loaded(base, prefix, args.seconds, pids["plain" if name == "plain" else "ray"]))
     median = {name: statistics.median(v) for name, v in capacity.items()}
     at_load = {
-        name: {k: statistics.median(s[k] for s in steps) for k in ("rps", "p50_ms", "p99_ms")}
+        name: {k: statistics.median(s[k] for s in steps) for k in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request")}
         for name, steps in saturated.items()
     }
     figures = {
@@ -211,6 +243,7 @@ def run(args: argparse.Namespace, plain: str, url: str, bodies: list[bytes]) -> 
         "replicas_over_plain": {
             "capacity": ratio(median["replicas"], median["plain"]),
             f"rps_at_{SATURATING}_connections": ratio(at_load["replicas"]["rps"], at_load["plain"]["rps"]),
+            "cpu_per_request": ratio(at_load["replicas"]["cpu_ms_per_request"], at_load["plain"]["cpu_ms_per_request"]),
         },
         "stages_over_replicas_capacity": ratio(median["stages"], median["replicas"]),
         "hops": hop_cost(url, bodies[: args.hop_images]),
