@@ -3,14 +3,16 @@
 # Settings are BRANCHSERVE_* environment variables (branchserve/server/settings.py), e.g. -e BRANCHSERVE_MAX_IN_FLIGHT=32.
 
 # Build stage: install the server with the gRPC extra (no train/loadtest extras) into a venv, without pip's
-# cache. The gRPC extra (grpcio, protobuf) adds 18 MB of 433 (docs/deployment.md).
+# cache. The gRPC extra (grpcio, protobuf) adds 18 MB of 433 (docs/deployment.md). `--build-arg EXTRAS=grpc,ray`
+# makes an image that also runs as a Ray worker (docs/deployment.md, "Ray cluster").
 FROM python:3.11-slim AS build
+ARG EXTRAS=grpc
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY branchserve branchserve
-RUN /opt/venv/bin/pip install ".[grpc]" && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+RUN /opt/venv/bin/pip install ".[${EXTRAS}]" && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 # Runtime stage: the venv and the models only; sources and build files stay behind.
 FROM python:3.11-slim

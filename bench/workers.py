@@ -31,8 +31,10 @@ MODEL = "fmnist-resnet"
 CONNECTIONS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
-def wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(url: str, connections: int, seconds: float, prefix: str = "") -> dict[str, Any]:
+    """`connections` closed-loop clients for `seconds`; `prefix`: an application's route prefix."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(SCRIPT), url, "--", str(SAMPLES_DIR), MODEL]
+    cmd += [prefix] if prefix else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     result["rps"] = result["ok"] / result["seconds"]
@@ -47,17 +49,24 @@ def capacity(workers: int, seconds: float, p99_ms: float) -> tuple[float, list[d
             ROOT / "models", port, "--workers", str(workers), "--grpc-port", "0", "--log-level", "warning"
         )
         with started_server(cmd, port, Path(tmp) / "server.log") as server:
-            wrk(server.url, 4, 2.0)  # warm up every worker
-            steps, best = [], 0.0
-            for c in CONNECTIONS:
-                step = wrk(server.url, c, seconds) | {"connections": c}
-                steps.append(step)
-                holds = step["p99_ms"] <= p99_ms and step["ok"] == step["requests"] and not step["errors"]
-                print(f"  workers={workers} c={c:3d}: {step['rps']:7.0f} req/s, p99 {step['p99_ms']:6.2f} ms, "
-                      f"refused {step['refused']}, {'holds' if holds else 'breaks'}", flush=True)  # fmt: skip
-                if not holds:
-                    break
-                best = max(best, step["rps"])
+            return capacity_at(server.url, seconds, p99_ms, f"workers={workers}")
+
+
+def capacity_at(
+    url: str, seconds: float, p99_ms: float, name: str, prefix: str = ""
+) -> tuple[float, list[dict[str, Any]]]:
+    """The highest throughput of a step (more connections each) whose p99 ≤ `p99_ms`, every answer 200."""
+    wrk(url, 4, 2.0, prefix)  # warm up every worker (or replica)
+    steps, best = [], 0.0
+    for c in CONNECTIONS:
+        step = wrk(url, c, seconds, prefix) | {"connections": c}
+        steps.append(step)
+        holds = step["p99_ms"] <= p99_ms and step["ok"] == step["requests"] and not step["errors"]
+        print(f"  {name} c={c:3d}: {step['rps']:7.0f} req/s, p99 {step['p99_ms']:6.2f} ms, "
+              f"refused {step['refused']}, {'holds' if holds else 'breaks'}", flush=True)  # fmt: skip
+        if not holds:
+            break
+        best = max(best, step["rps"])
     return best, steps
 
 

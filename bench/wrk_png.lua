@@ -1,6 +1,7 @@
 -- wrk script: POST the shipped sample PNGs to predict in turn, count answers by status, and print
 -- one JSON line (throughput, latency percentiles, statuses, the mean `compute_ms` the answers report)
--- when the run ends.
+-- when the run ends. An optional third argument prefixes the path (a Ray Serve application's route
+-- prefix, bench/ray_cluster.py).
 --   wrk -t1 -c8 -d5s -s bench/wrk_png.lua http://127.0.0.1:8000 -- branchserve/loadtest/samples fmnist-resnet
 local threads = {}
 
@@ -9,8 +10,8 @@ function setup(thread)
 end
 
 function init(args)
-  local folder, model = args[1], args[2]
-  path = "/v1/models/" .. model .. "/predict"
+  local folder, model, prefix = args[1], args[2], args[3] or ""
+  path = prefix .. "/v1/models/" .. model .. "/predict"
   bodies = {}
   for i = 0, 499 do
     local f = io.open(string.format("%s/%04d.png", folder, i), "rb")

@@ -8,6 +8,7 @@ import sys
 
 from branchserve import __version__
 from branchserve.loadtest import cli as loadtest_cli
+from branchserve.ray import cli as ray_cli
 from branchserve.repo import cli as repo_cli
 from branchserve.server import cli as server_cli
 from branchserve.training import cli as training_cli
@@ -16,6 +17,7 @@ COMMANDS = (
     training_cli.register,
     repo_cli.register,
     server_cli.register,
+    ray_cli.register,
     loadtest_cli.register,
 )
 EXTRAS = {
@@ -25,6 +27,7 @@ EXTRAS = {
     "matplotlib": "train",  # analyze and study plot; inspect handles its absence itself
     "locust": "loadtest",
     "httpx": "loadtest",
+    "ray": "ray",
 }
 TORCH_PIN = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
 

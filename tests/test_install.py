@@ -114,6 +114,7 @@ def test_grpc_asked_for_without_the_extra_is_a_one_line_error(venv: Path, outsid
         (["analyze", "run", "--out", "report"], "train"),
         (["study", "--grid", "weighting=equal", "--out", "study"], "train"),
         (["loadtest", "--budgets", "ci"], "loadtest"),
+        (["ray", "--address", "auto"], "ray"),
     ],
 )
 def test_tools_that_need_an_extra_say_which_in_one_line(

@@ -12,10 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "branchserve"
 
 # package → the branchserve packages it must not import
 FORBIDDEN = {
-    "repo": {"server", "training", "loadtest", "cli"},
-    "server": {"training", "loadtest", "cli"},
-    "training": {"server", "loadtest", "cli"},
-    "loadtest": {"training", "cli"},
+    "repo": {"server", "training", "loadtest", "ray", "cli"},
+    "server": {"training", "loadtest", "ray", "cli"},
+    "training": {"server", "loadtest", "ray", "cli"},
+    "loadtest": {"training", "ray", "cli"},
+    "ray": {"training", "loadtest", "cli"},
 }
 
 

@@ -207,14 +207,15 @@ def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.host, Settings().repository) == ("127.0.0.1", Path("models"))
 
 
-def test_contract_server_and_command_never_import_torch() -> None:
-    """Every module of the contract and the server, and the command itself, in a fresh interpreter."""
+def test_contract_server_and_command_never_import_torch_or_ray() -> None:
+    """Every module of the contract and the server, and the command itself, in a fresh interpreter:
+    neither torch nor matplotlib (the training extra) nor Ray (the Ray Serve application's extra)."""
     code = (
         "import pkgutil, importlib, sys, branchserve.repo, branchserve.server, branchserve.cli\n"
         "for package in (branchserve.repo, branchserve.server):\n"
         "    for m in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
         "        importlib.import_module(m.name)\n"
-        "print(len(sys.modules), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib')))"
+        "print(len(sys.modules), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib', 'ray')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     count, heavy = out.stdout.split(" ", 1)

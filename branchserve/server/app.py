@@ -110,15 +110,19 @@ def served_repository(settings: Settings, metrics: Metrics, admission: Admission
     return repository
 
 
-def server_state(settings: Settings) -> ServerState:
-    metrics = Metrics()
-    admission = Admission(
+def settings_admission(settings: Settings, metrics: Metrics) -> Admission:
+    return Admission(
         settings.max_in_flight,
         settings.max_wait_ms / 1e3,
         settings.queue_target_ms / 1e3,
         settings.queue_interval_ms / 1e3,
         metrics,
     )
+
+
+def server_state(settings: Settings) -> ServerState:
+    metrics = Metrics()
+    admission = settings_admission(settings, metrics)
     limits = Limits(settings.max_batch, tuple(settings.image_formats))
     keys = Keys(settings.api_keys, settings.api_keys_file)
     admin = AdminToken(settings.admin_token)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +29,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 
 from branchserve.repo.certify import NotCertified
 from branchserve.repo.loading import load_version, model_dirs, version_dirs
-from branchserve.repo.manifest import RepositoryError
+from branchserve.repo.manifest import Manifest, RepositoryError
 from branchserve.repo.points import Choice, Policy
 from branchserve.repo.versions import VersionPolicy
 from branchserve.server.admission import Admission
@@ -38,7 +38,7 @@ from branchserve.server.ladder import Ladder, LadderSpec, certified_rungs
 from branchserve.server.metrics import Metrics
 from branchserve.server.monitor import ExitMonitor, MonitorSettings
 from branchserve.server.predictor import ServedModel
-from branchserve.server.runtime import ModelRuntime
+from branchserve.server.runtime import ModelRuntime, StageFn
 
 log = logging.getLogger("branchserve")
 
@@ -77,6 +77,7 @@ class Serving:
     ladder: LadderSpec
     monitor: MonitorSettings
     inference_threads: int
+    remote_stages: Callable[[Manifest], Sequence[StageFn]] | None = None  # the Ray stages layout; None: sessions here
 
     def served_model(self, runtime: ModelRuntime, policy: Policy) -> ServedModel:
         """A version served with its own ladder and exit-quality monitor (its thread started); ValueError
@@ -184,7 +185,8 @@ class ModelRepository:
         s = self.serving
         try:
             manifest = load_version(version_dir)
-            runtime = ModelRuntime(manifest, version_dir, s.intra_op_threads)
+            stages = None if s.remote_stages is None else s.remote_stages(manifest)
+            runtime = ModelRuntime(manifest, version_dir, s.intra_op_threads, stages)
         except LOAD_ERRORS as e:
             self._reasons[(name, version)] = f"failed to load: {e}"
             raise RepositoryError(f"{name}/{version} failed to load: {e}") from None

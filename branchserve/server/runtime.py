@@ -113,7 +113,13 @@ class Trace:
                 self.boundary[row] = boundary[i].copy()  # a copy: the batch's tensor is not kept alive
 
 
+StageFn = Callable[[FloatArray], tuple[FloatArray, FloatArray | None]]
+"""One stage, wherever it runs: input (or boundary) rows → (exit logits, boundary or None after the last stage)."""
+
+
 class Stage:
+    """A stage in this process: its ONNX Runtime session, called through the C binding."""
+
     def __init__(self, spec: StageSpec, session: ort.InferenceSession) -> None:
         self.input_name = spec.input_name
         self.logits_output, self.boundary_output = spec.logits_output, spec.boundary_output
@@ -158,9 +164,22 @@ class _BoundStages:
 class ModelRuntime:
     """One served model version: a session per stage and a clock calibrated on this host."""
 
-    def __init__(self, manifest: Manifest, version_dir: Path, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        version_dir: Path,
+        intra_op_threads: int = 1,
+        remote: Sequence[StageFn] | None = None,
+    ) -> None:
+        """`remote`: the stages, when they run elsewhere (the Ray stages layout's deployments) instead of
+        in this process's sessions."""
         self.manifest = manifest
-        self.stages = [Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages]
+        self._local_stages = (
+            [Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages]
+            if remote is None
+            else None
+        )
+        self.stages: list[StageFn] = list(remote) if self._local_stages is None else list(self._local_stages)
         self.input_shape = manifest.input.shape
         stage_macs = [s.backbone_macs + s.head_macs for s in manifest.stages]
         self.cumulative_macs: IntArray = np.cumsum(stage_macs, dtype=np.int64)
@@ -173,12 +192,12 @@ class ModelRuntime:
 
     def stage_call(self, x: FloatArray) -> StageCall:
         """How this run calls its stages: batch 1 bound (this thread's buffers), larger batches on
-        the C binding with numpy out (their rows shrink as inputs leave)."""
-        if len(x) != 1:
+        the C binding with numpy out (their rows shrink as inputs leave), remote stages as they are."""
+        if len(x) != 1 or self._local_stages is None:
             return lambda k, h: self.stages[k](h)
         bound: _BoundStages | None = getattr(self._local, "bound", None)
         if bound is None:
-            bound = self._local.bound = _BoundStages(self.stages, self.input_shape)
+            bound = self._local.bound = _BoundStages(self._local_stages, self.input_shape)
         return bound.start(x)
 
     def _calibrate(self, repeats: int = 20) -> list[tuple[float, float]]:
