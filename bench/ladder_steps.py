@@ -6,7 +6,8 @@ of the 10k Fashion-MNIST test images (PNG) against the ladder and against the st
 1. Capacity of the strictest rung (full depth) and of the cheapest rung, each served fixed: the
    highest of `--capacity-rates` (`--capacity-s` seconds each, in turn until two in a row fail)
    whose p99 holds the objective with under 1 % of requests refused.
-2. Steps of `--fractions` × the strictest rung's capacity, `--step-s` seconds each. Two servers run
+2. Steps of `--fractions` × the strictest rung's capacity, `--step-s` seconds each. Two servers (one
+   worker process each: the ladder is per worker, and the load generator needs the other core) run
    side by side, the ladder (rungs: full depth, then the cheapest points certified for disagreement
    ≤ each of `--targets` at δ = 5 %) and full depth fixed; each step is sent to one, then the other,
    so both see the same host minutes. Latency is from each request's scheduled send time
@@ -71,7 +72,7 @@ def holds(summary: dict, objective: float) -> bool:
 
 def serve(repo: Path, flags: list[str], log: Path) -> AbstractContextManager[Server]:
     port = free_port()
-    return started_server(branchserve_cmd(repo, port, "--log-level", "warning", *flags), port, log)
+    return started_server(branchserve_cmd(repo, port, "--workers", "1", "--log-level", "warning", *flags), port, log)
 
 
 def capacity(

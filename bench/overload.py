@@ -84,6 +84,10 @@ def main() -> None:
         with started_server(cmd, port, Path(tmp) / "server.log") as server:
             step(server.url, server.pid, args.start, 3.0)  # warm up
             cap = capacity(server.url, server.pid, args.start, args.step, args.p99_ms, args.seconds)
+            if not cap:
+                sys.exit(
+                    f"no capacity: {args.start:.0f} req/s already breaks the p99 or is refused; try a lower --start"
+                )
             runs: dict[int, list[dict[str, Any]]] = {1: [], 2: [], 3: []}
             for r in range(args.repeats):
                 for k in runs:

@@ -10,6 +10,7 @@ Inference Protocol's REST routes (server/oip/rest.py) and its gRPC service on `g
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         grpc = None if grpc_service is None else await grpc_service.start(server, settings.host, settings.grpc_port)
         following = asyncio.create_task(server.peers.follow(partial(apply_change, server)))
         await warm_up(app)
+        gc.freeze()  # what start-up made lives as long as the server: a full collection need not walk it again
         server.peers.mark_ready()
         try:
             yield
