@@ -28,9 +28,9 @@ from branchserve.ray.metrics import RayMetrics
 from branchserve.ray.stages import RemoteStage
 from branchserve.repo.manifest import Manifest, RepositoryError
 from branchserve.server import api
+from branchserve.server.app import settings_admission
 from branchserve.server.decoding import MULTIPART, Limits, Parser, media_type, multipart_file, parser_for
 from branchserve.server.encoding import encode_native
-from branchserve.server.app import settings_admission
 from branchserve.server.errors import RequestError
 from branchserve.server.ladder import LadderSpec
 from branchserve.server.metrics import Metrics
