@@ -174,12 +174,12 @@ class ModelRuntime:
         """`remote`: the stages, when they run elsewhere (the Ray stages layout's deployments) instead of
         in this process's sessions."""
         self.manifest = manifest
-        self._local_stages = (
-            [Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages]
-            if remote is None
-            else None
-        )
-        self.stages: list[StageFn] = list(remote) if self._local_stages is None else list(self._local_stages)
+        self._local_stages: list[Stage] | None = None
+        if remote is None:
+            self._local_stages = [
+                Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages
+            ]
+        self.stages: list[StageFn] = list(self._local_stages or remote or [])
         self.input_shape = manifest.input.shape
         stage_macs = [s.backbone_macs + s.head_macs for s in manifest.stages]
         self.cumulative_macs: IntArray = np.cumsum(stage_macs, dtype=np.int64)
