@@ -20,18 +20,25 @@ from branchserve.repo.certify import FULL_DEPTH, cheapest_certified, is_full_dep
 from branchserve.repo.frontier import cheapest_within, expected_cost
 from branchserve.repo.manifest import Guarantee, Manifest, OperatingPoint
 
+TARGETS = ("point", "max_disagreement", "max_accuracy_drop", "latency_budget_ms", "thresholds")
+"""A policy's ways to pick a point: at most one of them."""
+
 
 class Policy(BaseModel):
     """The server's operating point for a model: at most one field, plus `risk` with a certified target
-    (its JSON Schema says so too: `maxProperties: 2`, `max_disagreement` requires `risk`, no nulls);
-    none means the manifest's default."""
+    (its JSON Schema says so too: no two targets, `max_disagreement` requires `risk`, `risk` requires a
+    certified target, no nulls); none means the manifest's default."""
 
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
         json_schema_extra={
             "maxProperties": 2,
+            "not": {"anyOf": [{"required": [a, b]} for i, a in enumerate(TARGETS) for b in TARGETS[i + 1 :]]},
             "dependentRequired": {"max_disagreement": ["risk"]},
+            "dependentSchemas": {
+                "risk": {"anyOf": [{"required": ["max_disagreement"]}, {"required": ["max_accuracy_drop"]}]}
+            },
             "examples": [{"max_accuracy_drop": 0.005}, {"max_disagreement": 0.01, "risk": 0.05}],
         },
     )
@@ -69,10 +76,7 @@ class Policy(BaseModel):
                 raise ValueError(f"{', '.join(nulls)}: null is not a value; leave the field out")
             given = sorted(k for k in data if k != "risk")
             if len(given) > 1:
-                raise ValueError(
-                    "give at most one of point, max_disagreement, max_accuracy_drop, latency_budget_ms, thresholds; "
-                    f"got {given}"
-                )
+                raise ValueError(f"give at most one of {', '.join(TARGETS)}; got {given}")
             if "max_disagreement" in data and "risk" not in data:
                 raise ValueError("max_disagreement needs risk: the δ it holds at, e.g. 0.05")
             if "risk" in data and not {"max_disagreement", "max_accuracy_drop"} & set(data):

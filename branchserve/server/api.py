@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -24,20 +24,15 @@ from branchserve.server.predictor import ServedModel
 from branchserve.server.schemas import (
     VERSIONED,
     CurrentOperatingPoint,
-    ErrorResponse,
     ExitInfo,
     ModelMetadata,
     ModelSummary,
     PredictResponse,
     Rung,
+    errors,
 )
 from branchserve.server.state import ServerState, admin, client, served_model
 from branchserve.server.transport import READY_AT
-
-
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
-
 
 PREDICT_PARAMETERS = [
     {"name": name, "in": "query", "required": False, "schema": schema}
@@ -182,6 +177,8 @@ async def set_operating_point(
 ) -> CurrentOperatingPoint:
     try:
         model = server.repository.set_policy(name, policy)
+    except RequestError:  # no such model: its 404
+        raise
     except ValueError as e:
         raise RequestError(422, str(e)) from None
     server.peers.publish({"op": "policy", "model": name, "policy": policy.model_dump()})

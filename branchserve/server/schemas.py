@@ -119,6 +119,17 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class OipErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body (every route under /v2)."""
+
+    error: str
+
+
+def errors(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, with the native or the OIP error body."""
+    return {status: {"model": OipErrorResponse if oip else ErrorResponse} for status in statuses}
+
+
 class ExitInfo(BaseModel):
     index: int
     val_accuracy: float

@@ -26,6 +26,7 @@ from branchserve.repo.manifest import RepositoryError
 from branchserve.repo.versions import VersionPolicy
 from branchserve.server.decoding import read_body, validation_message
 from branchserve.server.errors import RequestError
+from branchserve.server.schemas import errors
 from branchserve.server.state import ServerState, admin
 
 router = APIRouter()
@@ -89,7 +90,11 @@ async def in_background(load: Callable[[str, VersionPolicy | None], list[int]], 
         return await asyncio.wrap_future(pool.submit(niced))
 
 
-@router.post("/v2/repository/index", summary="Admin: every model version on disk or served, with its state")
+@router.post(
+    "/v2/repository/index",
+    responses=errors(400, 401, 403, oip=True),
+    summary="Admin: every model version on disk or served, with its state",
+)
 async def repository_index(request: Request, server: Annotated[ServerState, Depends(admin)]) -> list[dict[str, Any]]:
     ask: IndexRequest = await json_body(request, IndexRequest)
     states = server.repository.index()
@@ -100,7 +105,11 @@ async def repository_index(request: Request, server: Annotated[ServerState, Depe
     ]
 
 
-@router.post("/v2/repository/models/{name}/load", summary="Admin: (re)load a model's versions by the version policy")
+@router.post(
+    "/v2/repository/models/{name}/load",
+    responses=errors(400, 401, 403, oip=True),
+    summary="Admin: (re)load a model's versions by the version policy",
+)
 async def load_model(name: str, request: Request, server: Annotated[ServerState, Depends(admin)]) -> dict[str, Any]:
     ask: LoadRequest = await json_body(request, LoadRequest)
     policy = version_policy_of(ask.parameters)
@@ -112,7 +121,11 @@ async def load_model(name: str, request: Request, server: Annotated[ServerState,
     return {"name": name, "versions": [str(v) for v in versions]}
 
 
-@router.post("/v2/repository/models/{name}/unload", summary="Admin: stop serving every version of a model")
+@router.post(
+    "/v2/repository/models/{name}/unload",
+    responses=errors(400, 401, 403, 404, oip=True),
+    summary="Admin: stop serving every version of a model",
+)
 async def unload_model(name: str, request: Request, server: Annotated[ServerState, Depends(admin)]) -> dict[str, Any]:
     ask: LoadRequest = await json_body(request, LoadRequest)
     if unsupported := ask.parameters.keys() - {"unload_dependents"}:

@@ -32,7 +32,7 @@ from branchserve.server.oip.tensors import (
     response_parameters,
 )
 from branchserve.server.predictor import PredictRequest, Result, ServedModel
-from branchserve.server.schemas import VERSIONED
+from branchserve.server.schemas import VERSIONED, errors
 from branchserve.server.state import ServerState, served_model, state
 from branchserve.server.transport import READY_AT
 
@@ -68,6 +68,9 @@ class InferenceRequest(_Message):
 
 
 router = APIRouter()
+NOT_SERVED = errors(404, oip=True)
+INFER_ERRORS = errors(400, 401, 404, 413, 415, 422, 503, oip=True)
+"""The body is the protocol's (JSON, or JSON + binary tensors); OpenAPI does not model it, so an empty one is 400."""
 
 
 def model_metadata(model: ServedModel, versions: list[int]) -> dict[str, Any]:
@@ -86,9 +89,12 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get(
-    "/v2/models/{name}/versions/{version}", openapi_extra=VERSIONED, summary="OIP model metadata of one version"
+    "/v2/models/{name}/versions/{version}",
+    openapi_extra=VERSIONED,
+    responses=NOT_SERVED,
+    summary="OIP model metadata of one version",
 )
-@router.get("/v2/models/{name}", summary="OIP model metadata: inputs, outputs, versions served")
+@router.get("/v2/models/{name}", responses=NOT_SERVED, summary="OIP model metadata: inputs, outputs, versions served")
 async def oip_model_metadata(
     model: Annotated[ServedModel, Depends(served_model)], server: Annotated[ServerState, Depends(state)]
 ) -> dict[str, Any]:
@@ -96,18 +102,30 @@ async def oip_model_metadata(
 
 
 @router.get(
-    "/v2/models/{name}/versions/{version}/ready", openapi_extra=VERSIONED, summary="OIP model readiness of one version"
+    "/v2/models/{name}/versions/{version}/ready",
+    openapi_extra=VERSIONED,
+    responses=NOT_SERVED,
+    summary="OIP model readiness of one version",
 )
-@router.get("/v2/models/{name}/ready", summary="OIP model readiness: 200 when served, 404 otherwise")
+@router.get(
+    "/v2/models/{name}/ready", responses=NOT_SERVED, summary="OIP model readiness: 200 when served, 404 otherwise"
+)
 async def model_ready(request: Request, name: str, server: Annotated[ServerState, Depends(state)]) -> dict[str, Any]:
     model = server.model(name, request.path_params.get("version"))
     return {"name": model.name, "version": str(model.version), "ready": True}
 
 
 @router.post(
-    "/v2/models/{name}/versions/{version}/infer", openapi_extra=VERSIONED, summary="OIP inference with one version"
+    "/v2/models/{name}/versions/{version}/infer",
+    openapi_extra=VERSIONED,
+    responses=INFER_ERRORS,
+    summary="OIP inference with one version",
 )
-@router.post("/v2/models/{name}/infer", summary="OIP inference: JSON tensors or the binary tensor data extension")
+@router.post(
+    "/v2/models/{name}/infer",
+    responses=INFER_ERRORS,
+    summary="OIP inference: JSON tensors or the binary tensor data extension",
+)
 async def infer(request: Request, name: str) -> Response:
     server: ServerState = request.app.state.server
     model = server.model(name, request.path_params.get("version"))
