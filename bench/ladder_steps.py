@@ -38,7 +38,6 @@ from PIL import Image
 from branchserve.fmnist import read_split
 from branchserve.loadtest.openloop import percentile, request_bytes, run
 from branchserve.loadtest.servers import Server, branchserve_cmd, free_port, started_server
-from branchserve.repo.imaging import normalise
 from branchserve.repo.loading import load_version
 from branchserve.repo.scoring import exit_logits
 
@@ -175,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     m = load_version(args.version_dir)
     images, _ = read_split("test")
-    final_class = exit_logits(args.version_dir, m, normalise(images[..., None], m.input))[-1].argmax(axis=1)
+    final_class = exit_logits(args.version_dir, m, images)[-1].argmax(axis=1)
     requests = [request_bytes("127.0.0.1", f"/v1/models/{m.name}/predict", png(i), "image/png") for i in images]
     repo, objective = args.version_dir.parent.parent, args.objective_ms
     targets = [float(t) for t in args.targets.split(",")]

@@ -39,7 +39,6 @@ from branchserve.loadtest.servers import branchserve_cmd, free_port, started_ser
 from branchserve.loadtest.shifts import SHIFTS
 from branchserve.repo.certify import cheapest_certified
 from branchserve.repo.confidence import confidence, softmax
-from branchserve.repo.imaging import normalise
 from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.quality import QualityCheck
@@ -52,7 +51,7 @@ LADDER = '{"p99_ms": 25, "risk": 0.05, "max_disagreement": [0.02, 0.05]}'
 
 def traces(version_dir: Path, m: Manifest, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(exits, n) confidence and class of every exit for every image, as a finished trace holds them."""
-    probs = [softmax(z.astype(np.float32)) for z in exit_logits(version_dir, m, normalise(images[..., None], m.input))]
+    probs = [softmax(z.astype(np.float32)) for z in exit_logits(version_dir, m, images)]
     return np.stack([confidence(p, m.confidence) for p in probs]), np.stack([p.argmax(axis=1) for p in probs])
 
 

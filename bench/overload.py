@@ -17,14 +17,13 @@ and every refusal is a 503 with Retry-After.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from branchserve.loadtest.figures import report
 from branchserve.loadtest.openloop import load
 from branchserve.loadtest.servers import branchserve_cmd, cpu_seconds, free_port, started_server
 
@@ -99,12 +98,7 @@ def main() -> None:
                         flush=True,
                     )
     figures = summarise(runs, cap, args.p99_ms)
-    figures["host"] = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.exit(0 if all(figures["checks"].values()) else 1)
+    report(figures, args.out)
 
 
 def summarise(runs: dict[int, list[dict[str, Any]]], cap: float, p99_ms: float) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from ray.cluster_utils import Cluster
 from workers import MODEL, ROOT, capacity_at, wrk
 
 from branchserve.fmnist import read_split
+from branchserve.loadtest.figures import report
 from branchserve.loadtest.servers import Server, branchserve_cmd, cpu_seconds, free_port, started_server
 from branchserve.ray.app import build
 from branchserve.ray.args import AppArgs
@@ -187,11 +188,7 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
             cluster.shutdown()
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.exit(0 if all(figures["checks"].values()) else 1)
+    report(figures, args.out)
 
 
 def server_pids(plain: Server) -> dict[str, list[int]]:
@@ -249,7 +246,6 @@ def run(args: argparse.Namespace, plain_server: Server, url: str, bodies: list[b
         "hops": hop_cost(url, bodies[: args.hop_images]),
         "stages_in_process": stage_costs(),
         "p99_ms_budget": args.p99_ms,
-        "host": {"load_average": os.getloadavg(), "cpus": os.cpu_count()},
     }
     figures["checks"] = {
         f"both layouts answer the {len(bodies)} images exactly as the single-process server": (

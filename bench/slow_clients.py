@@ -12,16 +12,14 @@ prediction beside the slow clients succeeds and their p99 stays within 2× the p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from branchserve.loadtest.figures import report
 from branchserve.loadtest.openloop import load
 from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
 
@@ -100,14 +98,9 @@ def main() -> None:
         "p99_ms_beside_slow_clients": p99_beside,
         "ratio": p99_beside / p99_alone,
         "failed_beside_slow_clients": failed,
-        "host": {"load_average": os.getloadavg(), "cpus": os.cpu_count()},
     }
     figures["checks"] = {"no failures": failed == 0, "p99 within 2x": figures["ratio"] <= 2.0}
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.exit(0 if all(figures["checks"].values()) else 1)
+    report(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from branchserve.loadtest.figures import report
 from branchserve.loadtest.samples import SAMPLES_DIR
 from branchserve.loadtest.servers import branchserve_cmd, free_port, started_server
 
@@ -88,14 +87,9 @@ def main() -> None:
         "median_rps": {"workers_1": one, "workers_2": two},
         "ratio": two / one,
         "p99_ms_budget": args.p99_ms,
-        "host": {"load_average": os.getloadavg(), "cpus": os.cpu_count()},
     }
     figures["checks"] = {"--workers 2 holds >= 1.8x the load of --workers 1": figures["ratio"] >= 1.8}
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.exit(0 if all(figures["checks"].values()) else 1)
+    report(figures, args.out)
 
 
 if __name__ == "__main__":

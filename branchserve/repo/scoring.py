@@ -18,8 +18,9 @@ from branchserve.repo.tensors import FloatArray
 BATCH = 500
 
 
-def exit_logits(version_dir: Path, manifest: Manifest, inputs: FloatArray, batch: int = BATCH) -> FloatArray:
-    """(exits, samples, classes) logits of normalised (samples, C, H, W) inputs."""
+def exit_logits(version_dir: Path, manifest: Manifest, images: npt.NDArray[np.uint8], batch: int = BATCH) -> FloatArray:
+    """(exits, samples, classes) logits of raw (samples, H, W) grey images of the input's size."""
+    inputs = normalise(images[..., None], manifest.input)
     full = manifest.full_graph
     session = load_session(version_dir / full.file)
     chunks = [
@@ -34,5 +35,5 @@ def exit_scores(
 ) -> ExitScores:
     """Every exit's confidence, correctness and agreement with the final exit on raw (N, H, W) grey images of
     the input's size."""
-    logits = exit_logits(version_dir, manifest, normalise(images[..., None], manifest.input))
+    logits = exit_logits(version_dir, manifest, images)
     return ExitScores.from_logits(list(logits), labels, manifest.confidence)
