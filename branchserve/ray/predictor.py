@@ -28,15 +28,13 @@ from branchserve.ray.metrics import RayMetrics
 from branchserve.ray.stages import RemoteStage
 from branchserve.repo.manifest import Manifest, RepositoryError
 from branchserve.server import api
-from branchserve.server.app import settings_admission
+from branchserve.server.app import settings_admission, settings_serving
 from branchserve.server.decoding import MULTIPART, Limits, Parser, media_type, multipart_file, parser_for
 from branchserve.server.encoding import encode_native
 from branchserve.server.errors import RequestError
-from branchserve.server.ladder import LadderSpec
 from branchserve.server.metrics import Metrics
-from branchserve.server.monitor import MonitorSettings
 from branchserve.server.predictor import DeadlineError, PredictError
-from branchserve.server.repository import ModelRepository, Serving
+from branchserve.server.repository import ModelRepository
 from branchserve.server.runtime import StageFn
 from branchserve.server.schemas import ModelSummary
 
@@ -69,17 +67,8 @@ class Predictor:
         metrics = Metrics()
         # Ray Serve queues requests itself, out of admission's sight, so no ladder (the policy's point always),
         # and the monitor, which finishes its samples when admission has a core idle, samples at any load.
-        monitor = MonitorSettings(settings.monitor_fraction, settings.monitor_risk, settings.monitor_action)
-        serving = Serving(
-            settings.policy,
-            settings.intra_op_threads,
-            metrics,
-            settings_admission(settings, metrics),
-            LadderSpec(),
-            monitor,
-            settings.inference_threads,
-            remote,
-        )
+        no_ladder = settings.model_copy(update={"ladder": "{}"})
+        serving = settings_serving(no_ladder, metrics, settings_admission(settings, metrics), remote)
         self.repository = ModelRepository(settings.repository, settings.versions, serving)
         self.metrics = RayMetrics(serve.get_replica_context().app_name)
         self.threads = None if stages is None else ThreadPoolExecutor(CHAIN_THREADS, thread_name_prefix="chain")

@@ -40,7 +40,7 @@ from branchserve.server.oip import rest as oip_rest
 from branchserve.server.oip.repository_api import in_background
 from branchserve.server.openapi import strict_schema
 from branchserve.server.predictor import PredictError
-from branchserve.server.repository import ModelRepository, Serving
+from branchserve.server.repository import ModelRepository, RemoteStages, Serving
 from branchserve.server.settings import Settings
 from branchserve.server.state import ServerState
 from branchserve.server.transport import Guard, install
@@ -93,11 +93,14 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error", key=error_key(request.url.path))
 
 
-def served_repository(settings: Settings, metrics: Metrics, admission: Admission) -> ModelRepository:
-    """The repository at `settings.repository`, every model loaded as the version policy says."""
+def settings_serving(
+    settings: Settings, metrics: Metrics, admission: Admission, remote_stages: RemoteStages | None = None
+) -> Serving:
+    """How this process serves the versions it loads; the monitor's chance of a false alarm is split over
+    the server's workers."""
     workers = settings.workers if RunFolder.of_this_worker() else 1
     monitor = MonitorSettings(settings.monitor_fraction, settings.monitor_risk / workers, settings.monitor_action)
-    serving = Serving(
+    return Serving(
         settings.policy,
         settings.intra_op_threads,
         metrics,
@@ -105,7 +108,13 @@ def served_repository(settings: Settings, metrics: Metrics, admission: Admission
         settings.ladder_spec,
         monitor,
         settings.inference_threads,
+        remote_stages,
     )
+
+
+def served_repository(settings: Settings, metrics: Metrics, admission: Admission) -> ModelRepository:
+    """The repository at `settings.repository`, every model loaded as the version policy says."""
+    serving = settings_serving(settings, metrics, admission)
     repository = ModelRepository(settings.repository, settings.versions, serving)
     repository.load_all()
     return repository

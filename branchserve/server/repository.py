@@ -65,6 +65,10 @@ class VersionState:
     reason: str
 
 
+RemoteStages = Callable[[Manifest], Sequence[StageFn]]
+"""A version's stages where they run elsewhere (the Ray stages layout's deployments)."""
+
+
 @dataclass(frozen=True)
 class Serving:
     """How new versions are served: the server's settings that a version's `ServedModel` takes, and
@@ -77,7 +81,7 @@ class Serving:
     ladder: LadderSpec
     monitor: MonitorSettings
     inference_threads: int
-    remote_stages: Callable[[Manifest], Sequence[StageFn]] | None = None  # the Ray stages layout; None: sessions here
+    remote_stages: RemoteStages | None = None  # the Ray stages layout; None: sessions here
 
     def served_model(self, runtime: ModelRuntime, policy: Policy) -> ServedModel:
         """A version served with its own ladder and exit-quality monitor (its thread started); ValueError
