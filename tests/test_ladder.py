@@ -150,7 +150,7 @@ def test_server_moves_down_the_ladder_under_load_and_back_up(tiny_repo: Path) ->
             with server.client() as c:
                 return c.post(path, content=body, headers={"content-type": "application/json"})
 
-        with ThreadPoolExecutor(12) as pool:  # one inference thread: requests queue for tens of ms
+        with ThreadPoolExecutor(32) as pool:  # one inference thread: requests queue for tens of ms
             answered = [r.json()["budget"] for r in pool.map(call, range(300)) if r.status_code == 200]
         laddered = [b for b in answered if b["source"] == "ladder"]
         assert laddered and all(b["rung"] >= 1 and b["guarantee"]["epsilon"] in (0.1, 0.3) for b in laddered)
