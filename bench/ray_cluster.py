@@ -179,7 +179,9 @@ def main() -> None:
     args = parser.parse_args()
     bodies = [png(image) for image in read_split("test")[0][: args.limit]]
     port = free_port()
-    cmd = branchserve_cmd(REPOSITORY, port, "--workers", "1", "--log-level", "warning")
+    cmd = branchserve_cmd(
+        REPOSITORY, port, "--workers", "1", "--ladder", "{}", "--log-level", "warning"
+    )  # as under Ray
     with tempfile.TemporaryDirectory() as tmp, started_server(cmd, port, Path(tmp) / "server.log") as plain:
         cluster, url = start_cluster(Path(tmp))
         try:

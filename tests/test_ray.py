@@ -134,7 +134,9 @@ def apps(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 def plain(tiny_repo: Path) -> Iterator[Server]:
-    with running_server(tiny_repo) as server:
+    """The single-process server at the point the Ray applications serve: theirs has no ladder, so neither
+    does this one (a busy host would otherwise move it to a cheaper rung mid-comparison)."""
+    with running_server(tiny_repo, "--ladder", "{}") as server:
         yield server
 
 
