@@ -11,12 +11,12 @@ end
 
 function init(args)
   local folder, model, prefix = args[1], args[2], args[3] or ""
-  path = prefix .. "/v1/models/" .. model .. "/predict"
-  bodies = {}
+  local path = prefix .. "/v1/models/" .. model .. "/predict"
+  requests = {}  -- formatted once: formatting each request cost wrk ~7 µs of the cores it shares
   for i = 0, 499 do
     local f = io.open(string.format("%s/%04d.png", folder, i), "rb")
     if f == nil then break end
-    table.insert(bodies, f:read("*a"))
+    table.insert(requests, wrk.format("POST", path, {["Content-Type"] = "image/png"}, f:read("*a")))
     f:close()
   end
   n, ok, refused, other, compute = 0, 0, 0, 0, 0.0
@@ -24,7 +24,7 @@ end
 
 function request()
   n = n + 1
-  return wrk.format("POST", path, {["Content-Type"] = "image/png"}, bodies[(n % #bodies) + 1])
+  return requests[(n % #requests) + 1]
 end
 
 function response(status, headers, body)

@@ -86,7 +86,7 @@ class ServedModel:
         self.ladder: Ladder | None = ladder[0] if ladder else None
         self._ladder_rungs: list[Choice] = ladder[1] if ladder else []
         self.monitor = monitor
-        metrics.add_model(self.labels, runtime.num_exits)
+        self.series = metrics.add_model(self.labels, runtime.num_exits)
         self._lock = threading.Lock()
         self.policy = policy
         self.set_policy(policy)
@@ -193,9 +193,9 @@ class ServedModel:
 
     def _observe(self, outcome: Outcome, latency: float, source: Source, rung: int | None, missed: bool | None) -> None:
         m, labels, exits = self.metrics, self.labels, outcome.exits
-        m.observe_run(labels, outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
-        m.requests.labels(*labels, "ok").inc()
-        m.request_seconds.labels(*labels).observe(latency)
+        self.series.observe_run(outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
+        self.series.answered.inc()
+        self.series.request_seconds.observe(latency)
         if rung is not None:
             m.rung_requests.labels(*labels, str(rung)).inc()
         if source == "monitor":
