@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     m = load_version(args.version_dir)
     runtime = ModelRuntime(m, args.version_dir)
-    served = ServedModel(runtime, Policy(), 0.05, Metrics())
+    served = ServedModel(runtime, Policy(), Metrics())
     settings = Settings()
     limits = Limits(settings.max_batch, tuple(settings.image_formats))
     bodies = [p.read_bytes() for p in sorted(SAMPLES_DIR.glob("*.png"))]
@@ -53,7 +53,7 @@ def main() -> None:
         t2 = t()
         outcome = runtime.run(x, served.current().thresholds, runtime.num_exits - 1)
         t3 = t()
-        result = served.predict(parse_image(body, {}, m.input, limits), t(), loaded=False)
+        result = served.predict(parse_image(body, {}, m.input, limits), t())
         t4 = t()
         encode_native(result)
         t5 = t()

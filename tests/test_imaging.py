@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from branchserve.repo.imaging import image_to_input, image_to_pixels, open_image
+from branchserve.repo.imaging import ImageError, Png, image_to_input, image_to_pixels, open_image
 from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import MANIFEST_FILE, SCHEMA_VERSION, InputSpec, RepositoryError
 
@@ -63,6 +63,44 @@ def test_stretch_keeps_everything_and_center_crop_keeps_the_middle() -> None:
         open_image(png(Image.fromarray(pixels.transpose(1, 0, 2).copy()))), rgb_spec(12, "center-crop")
     )
     assert (tall[1:-1] == (0, 255, 0)).all() and tall[..., 0].max() < 64  # the same along the other axis
+
+
+def pillow_only(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "LA", "RGBA", "P", "I;16", "1"])
+@pytest.mark.parametrize("size", [6, 9])
+@pytest.mark.parametrize("interlaced", [False, True])
+def test_libspng_and_pillow_give_the_same_input(mode: str, size: int, interlaced: bool) -> None:
+    """8-bit grey and RGB PNGs take libspng (`Png`), the rest Pillow; every one converts to the same
+    bits as through Pillow alone, into a grey and an RGB input, at its size and resized."""
+    rng = np.random.default_rng(size)
+    source = Image.fromarray(rng.integers(0, 256, (size, size, 4), dtype=np.uint8), "RGBA")
+    buf = io.BytesIO()
+    source.convert(mode).save(buf, format="PNG", interlace=interlaced)
+    data = buf.getvalue()
+    assert isinstance(open_image(data), Png) == (mode in ("L", "RGB"))
+    grey = InputSpec(shape=(1, 6, 6), color_mode="L", mean=(0.5,), std=(0.25,))
+    for spec in (grey, rgb_spec(6), rgb_spec(4, "center-crop")):
+        assert (image_to_input(open_image(data), spec) == image_to_input(pillow_only(data), spec)).all()
+
+
+def test_a_damaged_png_that_libspng_reads_is_an_image_error() -> None:
+    """Truncated, or any byte after the header changed (pixels, checksums, chunk types): refused, as
+    Pillow refuses the damage it detects, never decoded to other pixels."""
+    data = png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)))
+    grey = InputSpec(shape=(1, 8, 8), color_mode="L", mean=(0.0,), std=(1.0,))
+    damaged = [data[:cut] for cut in range(8, len(data))]
+    for at in range(8, len(data)):  # every byte after the signature
+        flipped = bytearray(data)
+        flipped[at] ^= 0x55
+        damaged.append(bytes(flipped))
+    for image in damaged:
+        with pytest.raises(ImageError, match="cannot decode image"):
+            image_to_input(open_image(image), grey)
 
 
 def test_transparency_is_black_in_every_colour_mode() -> None:

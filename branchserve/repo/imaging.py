@@ -2,15 +2,24 @@
 
 `image_to_pixels` makes the image the model's size and colour (uint8, what the per-channel
 statistics are computed on); `normalise` scales it and subtracts each channel's mean.
+
+An 8-bit grey or RGB PNG (no palette, no alpha, no 16-bit samples) is decoded by libspng
+(`Png`), everything else by Pillow: on a 28×28 upload Pillow's open and load took ~26 µs of a
+request's ~0.5 ms, libspng ~8 µs. The pixels are the same bits either way (PNG is lossless and
+such a PNG needs no conversion); resizing and colour conversion stay Pillow's.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from branchserve.repo.manifest import InputSpec
@@ -29,13 +38,70 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "P")
 every colour mode (converting RGBA to RGB would otherwise keep whatever colour hides behind it)."""
 
 PixelArray = npt.NDArray[np.uint8]
+PNG_HEADER = struct.Struct(">8sI4sIIBB")
+"""Signature, IHDR's length and type, width, height, bit depth, colour type: a PNG's first 26 bytes."""
+PNG_CHUNK = struct.Struct(">I4s")  # a chunk's length and type; its data and a CRC of type and data follow
+PNG_MODES = {0: "L", 2: "RGB"}  # colour types libspng decodes here, as Pillow's modes
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded or is too large; the message is safe to show a client."""
 
 
-def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> Image.Image:
+@dataclass(frozen=True)
+class Png:
+    """An 8-bit grey or RGB PNG, its header read: libspng decodes it (`pixels`)."""
+
+    data: bytes
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    @classmethod
+    def read(cls, data: bytes) -> Png | None:
+        """The header of a PNG libspng decodes here; None for another image (Pillow's way)."""
+        if len(data) < PNG_HEADER.size:
+            return None
+        signature, length, chunk, width, height, depth, colour = PNG_HEADER.unpack_from(data)
+        if signature != SIGNATURES["png"] or (length, chunk) != (13, b"IHDR") or depth != 8 or colour not in PNG_MODES:
+            return None
+        if zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):  # before its size is believed
+            raise ImageError("cannot decode image: bad CRC in a IHDR chunk")
+        return cls(data, width, height, PNG_MODES[colour])
+
+    def pixels(self) -> PixelArray:
+        """(height, width) grey or (height, width, 3) RGB uint8, as Pillow's `np.asarray` of it."""
+        self._check_chunks()
+        try:
+            return np.asarray(pyspng.load(self.data, self.mode), np.uint8)
+        except RuntimeError as e:  # libspng's errors: truncated or malformed data
+            raise ImageError(f"cannot decode image: {e}") from None
+
+    def _check_chunks(self) -> None:
+        """Every chunk whole and its CRC right, up to IEND: pyspng has libspng use data whatever its
+        CRC, so a damaged upload would decode to wrong pixels where Pillow refuses it."""
+        data, at = memoryview(self.data), len(SIGNATURES["png"])
+        while at + PNG_CHUNK.size <= len(data):
+            length, kind = PNG_CHUNK.unpack_from(data, at)
+            end = at + PNG_CHUNK.size + length
+            if end + 4 > len(data):
+                break
+            if zlib.crc32(data[at + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+                raise ImageError(f"cannot decode image: bad CRC in a {kind.decode('latin-1')} chunk")
+            if kind == b"IEND":
+                return
+            at = end + 4
+        raise ImageError("cannot decode image: truncated PNG (no whole IEND chunk)")
+
+
+OpenedImage = Image.Image | Png
+
+
+def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> OpenedImage:
     """Read an image's header (its pixels are decoded later, by `image_to_input`), refusing one whose
     first bytes are not of an allowed format or that has more than MAX_IMAGE_PIXELS pixels."""
     if not data:
@@ -43,6 +109,10 @@ def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> Image
     kind = next((f for f in formats if data.startswith(SIGNATURES[f])), None)
     if kind is None:
         raise ImageError(f"not an image of an accepted format ({', '.join(f.upper() for f in formats)})")
+    if (png := Png.read(data)) is not None:
+        if png.width * png.height > MAX_IMAGE_PIXELS:
+            raise ImageError(f"image of {png.width}x{png.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
+        return png
     try:
         img = Image.open(io.BytesIO(data), formats=[kind.upper()])
     except UnidentifiedImageError:
@@ -71,10 +141,15 @@ def _resized(img: Image.Image, spec: InputSpec) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR, box=box)
 
 
-def image_to_pixels(img: Image.Image, spec: InputSpec) -> PixelArray:
+def image_to_pixels(img: OpenedImage, spec: InputSpec) -> PixelArray:
     """Decode, composite transparency on black, convert to the colour mode and resize by the
     spec's policy; returns (height, width, channels) uint8."""
     channels, height, width = spec.shape
+    if isinstance(img, Png):
+        pixels = img.pixels()
+        if img.mode == spec.color_mode and (img.width, img.height) == (width, height):
+            return pixels.reshape(height, width, channels)
+        img = Image.fromarray(pixels, img.mode)
     try:
         img.load()
     except DECODE_ERRORS as e:
@@ -98,6 +173,6 @@ def normalise(pixels: PixelArray, spec: InputSpec) -> FloatArray:
     return np.ascontiguousarray(np.moveaxis(arr, -1, -3))
 
 
-def image_to_input(img: Image.Image, spec: InputSpec) -> FloatArray:
+def image_to_input(img: OpenedImage, spec: InputSpec) -> FloatArray:
     """What a model takes for one image: `normalise(image_to_pixels(...))`, (C, H, W) float32."""
     return normalise(image_to_pixels(img, spec), spec)

@@ -46,6 +46,8 @@ class QueryParams(Budget):
 
 def query_options(query: Mapping[str, str]) -> tuple[Budget, bool]:
     """The budget and the probabilities flag from the query string."""
+    if not query:  # most requests: no validation to run
+        return Budget.model_construct(), False
     try:
         params = QueryParams.model_validate(dict(query))
     except ValidationError as e:

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pydantic import ValidationError
 
-from branchserve.repo.imaging import ImageError, image_to_input, open_image
+from branchserve.repo.imaging import ImageError, OpenedImage, image_to_input, open_image
 from branchserve.repo.manifest import InputSpec, Manifest
 from branchserve.repo.tensors import FloatArray
 from branchserve.server.budget import Budget
@@ -230,7 +229,7 @@ def _element(value: object, name: str) -> bytes:
     raise RequestError(400, f"input {name!r}: BYTES elements must be strings (base64 in JSON)")
 
 
-def _open(data: bytes, limits: Limits, index: int) -> Image.Image:
+def _open(data: bytes, limits: Limits, index: int) -> OpenedImage:
     try:
         return open_image(data, limits.image_formats)
     except ImageError as e:
