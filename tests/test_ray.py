@@ -1,11 +1,12 @@
 """The Ray Serve application on a real two-node Ray cluster on this machine (`ray.cluster_utils.Cluster`):
 the replicas layout deployed by `branchserve ray` from a Serve config file, the stages layout by
-`serve.run`, both next to a single-process `branchserve serve` on the same repository.
+`serve.run`, both next to a single-process `branchserve serve` on the same repository, and a third
+application whose model deployment autoscales quickly.
 
 They answer exactly as the single-process server does (exits, classes, confidences, errors), the
 replicas sit on both nodes, Ray Serve's backpressure is a 503 with Retry-After and the native error
-body, a killed replica fails only the requests it held, and per-exit metrics reach Ray's metrics
-endpoints. bench/ray_cluster.py runs the same on the 10k test images with the shipped model.
+body, a killed replica fails only the requests it held, a model's deployment scales up under load
+and back down, and per-exit metrics reach Ray's metrics endpoints. bench/ray_cluster.py runs the same on the 10k test images with the shipped model.
 """
 
 from __future__ import annotations
@@ -38,12 +39,22 @@ from branchserve.loadtest import openloop
 from branchserve.loadtest.servers import free_port
 from branchserve.ray.app import build
 from branchserve.ray.args import AppArgs
+from branchserve.ray.ingress import Ingress
+from branchserve.ray.predictor import Predictor
 
 MODEL = "tiny"  # tests/conftest.py's exported model
 REPLICA_MAX_ONGOING = 2
 REPLICA_MAX_QUEUED = 8
 PNG = {"content-type": "image/png"}
 LOST = "the replica computing this request stopped before it answered; retry"
+SCALING = {  # the shipped policy (branchserve/ray/predictor.py) with delays a test can wait for
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "look_back_period_s": 2,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 3,
+}
 
 
 @dataclass
@@ -120,9 +131,14 @@ def apps(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         ray.init(address=cluster.address, logging_level="warning")
         stages = build(AppArgs(layout="stages", settings={"repository": str(tiny_repo)}))
         serve.run(stages, name="stages", route_prefix="/stages")
+        args = AppArgs(layout="replicas", settings={"repository": str(tiny_repo)})
+        scaling = Ingress.bind(
+            args, {MODEL: Predictor.options(name=MODEL, autoscaling_config=SCALING).bind(args, MODEL)}
+        )
+        serve.run(scaling, name="scaling", route_prefix="/scaling")
         url = f"http://127.0.0.1:{http_port}"
-        wait_ready(url)
-        wait_ready(f"{url}/stages")
+        for prefix in ("", "/stages", "/scaling"):
+            wait_ready(url + prefix)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         yield RayApps(url, f"http://127.0.0.1:{dashboard_port}", nodes)
     finally:
@@ -292,6 +308,36 @@ def test_killing_a_replica_fails_only_the_requests_it_held(apps: RayApps) -> Non
     assert 1 <= len(failed) <= REPLICA_MAX_ONGOING
     after = [status for at, status, _ in statuses if at > killed_at + 0.5]
     assert len(after) > 5 and set(after) == {200}
+
+
+def test_a_models_deployment_scales_up_under_load_and_back_down(apps: RayApps) -> None:
+    """Autoscaling on ongoing requests (`SCALING`): one replica at rest; eight closed-loop clients keep
+    ~8 requests ongoing against a target of 1, so a second replica starts; when they stop, it goes."""
+    assert len(apps.replicas("scaling")) == 1
+    body = encode(sample_images(1)[0][0])
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=f"{apps.url}/scaling", timeout=60) as c:
+            while not stop.is_set():
+                answered.append(c.post(f"/v1/models/{MODEL}/predict", content=body, headers=PNG).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(apps.replicas("scaling")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    grown = len(apps.replicas("scaling"))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert grown == 2 and set(answered) == {200}, (grown, Counter(answered))
+    deadline = time.monotonic() + 60
+    while len(apps.replicas("scaling")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(apps.replicas("scaling")) == 1
 
 
 BAD_ARGS = [
