@@ -12,8 +12,9 @@ validate a config file's `args` into `AppArgs` (and a string would not be a clas
 """
 
 from pathlib import Path
+from typing import cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from branchserve.ray.args import AppArgs
 from branchserve.ray.ingress import Ingress
@@ -21,30 +22,32 @@ from branchserve.ray.predictor import Predictor
 from branchserve.ray.stages import StageServer
 from branchserve.repo.loading import load_version, model_dirs, version_dirs
 
-CHAIN_OPTIONS = {  # stages layout: a model's deployment only decodes and waits for its stages
-    "ray_actor_options": {"num_cpus": 0.25},
-    "max_ongoing_requests": 32,
-    "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-}
+# serve.deployment made these classes Deployments; Ray's annotations leave them classes.
+INGRESS, PREDICTOR, STAGE = cast(Deployment, Ingress), cast(Deployment, Predictor), cast(Deployment, StageServer)
 
 
 def build(args: AppArgs) -> Application:
     root = Path(args.server_settings().repository).resolve()
     args = args.model_copy(update={"settings": args.settings | {"repository": str(root)}})
     models = {d.name: model_deployment(args, d.name) for d in model_dirs(root)}
-    return Ingress.bind(args, models)
+    return INGRESS.bind(args, models)
 
 
 def model_deployment(args: AppArgs, name: str) -> Application:
     if args.layout == "replicas":
-        return Predictor.options(name=name).bind(args, name)
+        return PREDICTOR.options(name=name).bind(args, name)
     settings = args.server_settings()
     on_disk = version_dirs(settings.repository / name)
     stages = {
         v: [
-            StageServer.options(name=f"{name}-v{v}-stage{k}").bind(args, name, v, k)
+            STAGE.options(name=f"{name}-v{v}-stage{k}").bind(args, name, v, k)
             for k in range(len(load_version(on_disk[v]).stages))
         ]
         for v in settings.versions.select(on_disk)
     }
-    return Predictor.options(name=name, **CHAIN_OPTIONS).bind(args, name, stages)
+    return PREDICTOR.options(  # it only decodes and waits for its stages
+        name=name,
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=32,
+        autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    ).bind(args, name, stages)

@@ -13,12 +13,13 @@ FastAPI would then take an annotation left as a string (`request: "Request"`) fo
 import asyncio
 import logging
 import time
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
 from branchserve.ray.answers import Answer, Call, ray_failure
@@ -62,7 +63,7 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 )
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle[Any]]) -> None:
         settings = args.server_settings()
         self.models = models
         self.limits = Limits(settings.max_batch, tuple(settings.image_formats))
@@ -70,13 +71,16 @@ class Ingress:
         self.keys = Keys(settings.api_keys, settings.api_keys_file)
         self.metrics = RayMetrics(serve.get_replica_context().app_name)
 
-    def _model(self, name: str) -> DeploymentHandle:
+    def _model(self, name: str) -> DeploymentHandle[Any]:
         try:
             return self.models[name]
         except KeyError:
             raise RequestError(404, f"no model named {name!r} is served; see GET /v1/models") from None
 
-    async def _answer(self, name: str, version: str | None, pending: DeploymentResponse) -> Answer:
+    async def _answer(
+        self, name: str, version: str | None, pending: DeploymentResponse[Any] | DeploymentResponseGenerator[Any]
+    ) -> Answer:
+        assert isinstance(pending, DeploymentResponse)  # handles here never stream
         try:
             answer: Answer = await pending
         except Exception as e:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -40,7 +40,7 @@ from branchserve.server.schemas import ModelSummary
 
 CHAIN_THREADS = 64  # stages layout: requests in flight at once per replica (each holds a thread while its stages run)
 
-Stages = dict[int, list[DeploymentHandle]]  # stages layout: each served version's stage deployments, in order
+Stages = dict[int, list[DeploymentHandle[Any]]]  # stages layout: each served version's stage deployments, in order
 Document = Literal["model", "operating-point"]
 
 

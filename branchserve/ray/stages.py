@@ -10,6 +10,8 @@ model), so batching changes no answer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -43,8 +45,9 @@ class StageServer:
         version_dir = settings.repository / model / str(version)
         spec = load_version(version_dir).stages[index]
         self.stage = Stage(spec, load_session(version_dir / spec.file, settings.intra_op_threads))
-        self.run.set_max_batch_size(args.stage_batch_size)
-        self.run.set_batch_wait_timeout_s(args.stage_batch_wait_ms / 1e3)
+        # serve.batch gives the method these setters; its annotation keeps the plain method's type
+        self.run.set_max_batch_size(args.stage_batch_size)  # type: ignore[attr-defined]
+        self.run.set_batch_wait_timeout_s(args.stage_batch_wait_ms / 1e3)  # type: ignore[attr-defined]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
     async def run(self, parts: list[FloatArray]) -> list[StageOutput]:
@@ -59,7 +62,7 @@ class RemoteStage:
     """A stage deployment as the runtime calls a stage (server/runtime.py: `StageFn`); it blocks
     until the stage answers, so it runs in a thread, never on an event loop."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle[Any]) -> None:
         self.handle = handle
 
     def __call__(self, x: FloatArray) -> StageOutput:
