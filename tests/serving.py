@@ -29,6 +29,7 @@ class Server:
     url: str
     log: Path
     grpc: str  # host:port of the OIP gRPC service
+    pid: int
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
@@ -48,7 +49,7 @@ def running_server(repo: Path, *flags: str, env: dict[str, str] | None = None) -
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         with started_server(cmd, port, log, {**TOLERANT, **(env or {})}, timeout_s=120) as server:
-            yield Server(server.url, log, f"127.0.0.1:{grpc_port}")
+            yield Server(server.url, log, f"127.0.0.1:{grpc_port}", server.pid)
 
 
 def sample_images(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ waits forever for a client that sends part of a request. This subclass
   how long it waited for the event loop or a worker;
 * answers a predict request 503 + Retry-After straight from the connection, before any of the
   ASGI stack runs, when admission says the server is overloaded: a refusal must cost far less
-  than an answer, or refusing cannot protect anything.
+  than an answer, or refusing cannot protect anything;
+* sends each response's head together with its body (`HeadWithBody`).
 
 It relies on uvicorn's `HttpToolsProtocol` internals (callbacks and `cycle`); `pyproject.toml`
 bounds uvicorn's version, and tests/test_hardening.py covers every path.
@@ -94,6 +95,37 @@ def install(guard: Guard) -> None:
     """The guard of this process's application: one app per server process (and per worker)."""
     global _GUARD
     _GUARD = guard
+
+
+class HeadWithBody:
+    """A response's transport that sends the head with the body's first bytes. uvicorn writes them
+    separately: two sends, and a client woken twice, once for headers it cannot use yet. A head
+    with no body after it (an answer to HEAD) goes when the response completes (`flush`)."""
+
+    def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
+        self._cycle, self._transport = cycle, transport
+        self._head: bytes | None = None
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif self._cycle.response_started and not self._head_seen:  # the head (a 100 Continue comes before)
+            self._head, self._head_seen = data, True
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -208,6 +240,16 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.transport.write(self.guard.overloaded)
                 return
         super().on_headers_complete()
+        new: RequestResponseCycle | None = self.cycle  # None before a connection's first request
+        if new is not None and new.scope is self.scope:  # a new cycle (none for an upgrade)
+            transport = new.transport = HeadWithBody(new, self.transport)  # type: ignore[assignment]
+            completed = new.on_response
+
+            def on_response() -> None:
+                transport.flush()
+                completed()
+
+            new.on_response = on_response
 
     def on_body(self, body: bytes) -> None:
         if not self.refused:
