@@ -10,9 +10,11 @@ turns within each repeat, so a noisy neighbour slows both; medians over repeats.
 ratio is ≥ 1.8.
 
 Each step also records the CPU the server (all its processes) and wrk spent per request. They
-bound the ratio on this box: one worker has a core and leaves wrk the other, two workers share
-both cores with wrk, so --workers 2 can reach at most 2 × S1 / (S2 + W2), with S the server's and
-W wrk's CPU per request at each one's capacity step. The figures report that ceiling too.
+bound the ratio on this box: one worker has a core (and a little of the other: its background
+threads) and leaves wrk the rest, while two workers share both cores with wrk, so --workers 2
+can reach at most 2 cores / (S2 + W2) requests a second, S2 and W2 the server's and wrk's CPU per
+request at its capacity step. The figures report that ceiling over --workers 1's capacity, and
+2 × S1 / S2: what a second worker would add with the load generator on another machine.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def main() -> None:
             "workers_1": {"server": s1, "wrk": w1},
             "workers_2": {"server": s2, "wrk": w2},
         },
-        "ceiling_with_wrk_on_the_cores": 2 * s1 / (s2 + w2),
+        "ceiling_with_wrk_on_the_cores": 2e6 / (s2 + w2) / one,
         "server_scaling": 2 * s1 / s2,
         "p99_ms_budget": args.p99_ms,
     }
