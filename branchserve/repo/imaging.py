@@ -3,9 +3,9 @@
 `image_to_pixels` makes the image the model's size and colour (uint8, what the per-channel
 statistics are computed on); `normalise` scales it and subtracts each channel's mean.
 
-An 8-bit grey or RGB PNG (no palette, no alpha, no 16-bit samples) is decoded by libspng
-(`Png`), everything else by Pillow: on a 28×28 upload Pillow's open and load took ~26 µs of a
-request's ~0.5 ms, libspng ~8 µs. The pixels are the same bits either way (PNG is lossless and
+A small 8-bit grey or RGB PNG (no palette, no alpha, no 16-bit samples, nothing but plain
+chunks) is decoded by libspng (`Png`), everything else by Pillow: on a 28×28 upload Pillow's open
+and load took ~26 µs of a request's ~0.5 ms, libspng ~8 µs. The pixels are the same bits either way (PNG is lossless and
 such a PNG needs no conversion); resizing and colour conversion stay Pillow's.
 """
 
@@ -42,6 +42,12 @@ PNG_HEADER = struct.Struct(">8sI4sIIBB")
 """Signature, IHDR's length and type, width, height, bit depth, colour type: a PNG's first 26 bytes."""
 PNG_CHUNK = struct.Struct(">I4s")  # a chunk's length and type; its data and a CRC of type and data follow
 PNG_MODES = {0: "L", 2: "RGB"}  # colour types libspng decodes here, as Pillow's modes
+SPNG_MAX_PIXELS = 256 * 256
+"""libspng holds the GIL while it decodes (pyspng does not release it): only images this small, which
+the server decodes on its event loop anyway, take it; larger ones take Pillow, which releases it."""
+SPNG_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"gAMA", b"sRGB", b"pHYs", b"cHRM", b"sBIT", b"tIME", b"bKGD"})
+"""The chunks a PNG may hold to take libspng: small fixed-size ones. libspng inflates text and ICC
+chunks whole (up to 64 MiB each as pyspng sets it), where Pillow stops at 1 MiB."""
 
 
 class ImageError(ValueError):
@@ -63,39 +69,44 @@ class Png:
 
     @classmethod
     def read(cls, data: bytes) -> Png | None:
-        """The header of a PNG libspng decodes here; None for another image (Pillow's way)."""
+        """A PNG libspng decodes here, every chunk's CRC checked (ImageError if one is wrong); None
+        for any other image, which takes Pillow's way: another mode or depth, more than
+        SPNG_MAX_PIXELS, a chunk outside SPNG_CHUNKS, or no whole IEND chunk."""
         if len(data) < PNG_HEADER.size:
             return None
         signature, length, chunk, width, height, depth, colour = PNG_HEADER.unpack_from(data)
         if signature != SIGNATURES["png"] or (length, chunk) != (13, b"IHDR") or depth != 8 or colour not in PNG_MODES:
             return None
-        if zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):  # before its size is believed
-            raise ImageError("cannot decode image: bad CRC in a IHDR chunk")
+        if width * height > SPNG_MAX_PIXELS or not _plain_chunks(data):
+            return None
         return cls(data, width, height, PNG_MODES[colour])
 
     def pixels(self) -> PixelArray:
         """(height, width) grey or (height, width, 3) RGB uint8, as Pillow's `np.asarray` of it."""
-        self._check_chunks()
         try:
             return np.asarray(pyspng.load(self.data, self.mode), np.uint8)
-        except RuntimeError as e:  # libspng's errors: truncated or malformed data
+        except RuntimeError as e:  # libspng's errors: malformed data
             raise ImageError(f"cannot decode image: {e}") from None
 
-    def _check_chunks(self) -> None:
-        """Every chunk whole and its CRC right, up to IEND: pyspng has libspng use data whatever its
-        CRC, so a damaged upload would decode to wrong pixels where Pillow refuses it."""
-        data, at = memoryview(self.data), len(SIGNATURES["png"])
-        while at + PNG_CHUNK.size <= len(data):
-            length, kind = PNG_CHUNK.unpack_from(data, at)
-            end = at + PNG_CHUNK.size + length
-            if end + 4 > len(data):
-                break
-            if zlib.crc32(data[at + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
-                raise ImageError(f"cannot decode image: bad CRC in a {kind.decode('latin-1')} chunk")
-            if kind == b"IEND":
-                return
-            at = end + 4
-        raise ImageError("cannot decode image: truncated PNG (no whole IEND chunk)")
+
+def _plain_chunks(png: bytes) -> bool:
+    """Whether a PNG is whole up to IEND and holds only SPNG_CHUNKS; a chunk whose CRC is wrong is an
+    ImageError. pyspng has libspng use data whatever its CRC, so damaged pixel data would decode to
+    other pixels: checked here (Pillow skips the pixel data's CRCs and relies on zlib's checks)."""
+    data, at = memoryview(png), len(SIGNATURES["png"])
+    while at + PNG_CHUNK.size <= len(data):
+        length, kind = PNG_CHUNK.unpack_from(data, at)
+        end = at + PNG_CHUNK.size + length
+        if end + 4 > len(data):
+            return False
+        if zlib.crc32(data[at + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            raise ImageError(f"cannot decode image: bad CRC in a {kind.decode('latin-1')} chunk")
+        if kind not in SPNG_CHUNKS:
+            return False
+        if kind == b"IEND":
+            return True
+        at = end + 4
+    return False
 
 
 OpenedImage = Image.Image | Png
@@ -110,8 +121,6 @@ def open_image(data: bytes, formats: Sequence[str] = tuple(SIGNATURES)) -> Opene
     if kind is None:
         raise ImageError(f"not an image of an accepted format ({', '.join(f.upper() for f in formats)})")
     if (png := Png.read(data)) is not None:
-        if png.width * png.height > MAX_IMAGE_PIXELS:
-            raise ImageError(f"image of {png.width}x{png.height} pixels exceeds {MAX_IMAGE_PIXELS} pixels")
         return png
     try:
         img = Image.open(io.BytesIO(data), formats=[kind.upper()])

@@ -57,14 +57,18 @@ ModelLabels = tuple[str, str]
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
 
+_PID = [os.getpid()]  # this process's pid, kept current across a fork
+
+
 @functools.cache
 def _values_of_this_worker() -> None:
-    """Multiprocess values that take this worker's pid once: prometheus-client's default asks the
-    kernel on every update (to notice a fork), ~0.25 µs each of ~15 updates per request. Workers are
-    spawned, never forked (server/workers.py), so the pid cannot change under a value. Once per
-    process: every registry's values must share one set of files."""
-    pid = os.getpid()
-    values.ValueClass = values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
+    """Multiprocess values that read this process's pid from memory: prometheus-client's default asks
+    the kernel on every update (to notice a fork), ~0.25 µs each of ~15 updates per request. A fork
+    still moves the child to files of its own: `_PID` is updated in the child, and prometheus-client
+    sees the new pid on the next update. Once per process: every registry's values share one set of
+    files."""
+    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+    values.ValueClass = values.MultiProcessValue(lambda: _PID[0])  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,10 @@ class ModelSeries:
     full_depth_macs: Counter
 
     def observe_run(self, outcome: Outcome, macs: float, full_macs: float) -> None:
-        for seconds, scored, stage, confidence in zip(
-            outcome.stage_seconds, outcome.scored, self.stage_seconds, self.exit_confidence, strict=False
-        ):
-            stage.observe(seconds)
+        for k, (seconds, scored) in enumerate(zip(outcome.stage_seconds, outcome.scored, strict=True)):
+            self.stage_seconds[k].observe(seconds)
             for c in scored.tolist():
-                confidence.observe(c)
+                self.exit_confidence[k].observe(c)
         for answers, count in zip(self.exit_answers, np.bincount(outcome.exits).tolist(), strict=False):
             if count:
                 answers.inc(count)
