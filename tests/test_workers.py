@@ -1,5 +1,6 @@
-"""Two worker processes behind one port: one /metrics that sums both exactly, admin changes and
-model loads that reach both, readiness of both, and SIGTERM draining both."""
+"""Two worker processes behind one port: one /metrics that sums both exactly, new connections
+spread over both, admin changes and model loads that reach both, readiness of both, and SIGTERM
+draining both."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -94,6 +96,44 @@ def test_every_worker_runs_its_own_ladder_and_monitor(server: Server) -> None:
 def cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return float(int(fields[11]) + int(fields[12]))
+
+
+def connections_held(pid: int, port: int) -> int:
+    """Established TCP connections to `port` whose socket a process holds (from /proc, no tools)."""
+    inodes = {
+        os.readlink(fd).removeprefix("socket:[").removesuffix("]")
+        for fd in Path(f"/proc/{pid}/fd").iterdir()
+        if os.readlink(fd).startswith("socket:")
+    }
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for r in rows if int(r[1].split(":")[1], 16) == port and r[3] == "01" and r[9] in inodes)
+
+
+def test_a_burst_of_new_connections_is_spread_over_both_workers(server: Server) -> None:
+    """Each worker listens on its own socket of the port (SO_REUSEPORT): the kernel spreads 16 new
+    keep-alive connections by hash (both sides get none with probability 2 / 2^16). On one shared
+    socket the idle worker accepted whole bursts: 2, 4, 8 and once all 16 went to one worker."""
+    port = httpx.URL(server.url).port
+    assert port is not None
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
+    try:
+        for sock in socks:  # a request on each: accepted and answered, the connection kept
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        held = [connections_held(pid, port) for pid in workers(server)]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sum(held) == 16 and min(held) >= 1, held
+
+
+def test_a_port_in_use_stops_serve_in_one_line(tiny_repo: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cmd = branchserve_cmd(tiny_repo, port, "--workers", "2")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"branchserve serve: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
 
 
 def test_an_admin_change_reaches_every_worker(server: Server) -> None:

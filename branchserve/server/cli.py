@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+from typing import cast
 
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
@@ -23,7 +25,6 @@ def _serve(args: argparse.Namespace) -> None:
     from branchserve.repo.manifest import RepositoryError
     from branchserve.server.app import create_app, optional_grpc
     from branchserve.server.transport import GuardedProtocol
-    from branchserve.server.workers import RunFolder
 
     try:
         settings = Settings(_cli_settings_source=args.settings_source(parsed_args=args))
@@ -41,19 +42,41 @@ def _serve(args: argparse.Namespace) -> None:
     except (RepositoryError, ValueError, OSError) as e:
         hint = "" if settings.repository.is_dir() else " (pass --repository DIR or set BRANCHSERVE_REPOSITORY)"
         sys.exit(f"branchserve serve: {e}{hint}")
+    _serve_workers(settings)
+
+
+def _serve_workers(settings: Settings) -> None:
+    """`settings.workers` processes under uvicorn's supervisor, each listening on its own socket of the
+    one port (server/workers.py)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from branchserve.server.transport import GuardedProtocol
+    from branchserve.server.workers import ListenError, RunFolder, port_for_workers
+
     run = RunFolder.make()
     os.environ.update(settings.environment() | run.environment())
+    host, port = settings.host, settings.port
+    config = uvicorn.Config(
+        WORKER_APP,
+        factory=True,
+        workers=settings.workers,
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        access_log=False,
+        http=GuardedProtocol,
+    )
     try:
-        uvicorn.run(
-            WORKER_APP,
-            factory=True,
-            workers=settings.workers,
-            host=host,
-            port=port,
-            log_level=log_level,
-            access_log=False,
-            http=GuardedProtocol,
-        )
+        with port_for_workers(host, port) as listener:
+            logging.getLogger("branchserve").info(
+                "serving on http://%s:%d with %d workers", host, listener.port, settings.workers
+            )
+            Multiprocess(config, sockets=[cast(socket.socket, listener)]).run()  # each worker binds its own
+    except ListenError as e:
+        sys.exit(f"branchserve serve: {e}")
+    except KeyboardInterrupt:
+        pass
     finally:
         run.remove()
 

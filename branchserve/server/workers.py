@@ -1,8 +1,9 @@
 """Several worker processes behind one port: what they share, and how an admin change reaches all.
 
-`branchserve serve --workers N` runs uvicorn's supervisor: N worker processes accept on one
-socket (the kernel spreads connections), each with its own event loop, admission and copy of every
-model (the shipped model is 7 MB). Workers are spawned, not forked, and each loads and calibrates
+`branchserve serve --workers N` runs uvicorn's supervisor: N worker processes, each with its own
+event loop, admission and copy of every model (the shipped model is 7 MB), and its own listening
+socket on the one port (`OwnListener`: `SO_REUSEPORT`, so the kernel spreads new connections by
+their addresses' hash; on one shared socket whichever worker woke first took a whole burst). Workers are spawned, not forked, and each loads and calibrates
 the repository itself: onnxruntime sessions are not fork-safe, and spawning keeps one code path.
 
 What they share lives in a run folder the supervisor makes and removes (`RunFolder`):
@@ -24,8 +25,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,48 @@ FOLLOW_S = 0.2
 
 Change = dict[str, Any]
 Apply = Callable[[Change], Awaitable[None]]
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT (and SO_REUSEADDR, as uvicorn binds)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@dataclass(frozen=True)
+class OwnListener:
+    """What the supervisor hands every worker as its socket: pickled to a spawned worker as an
+    address only, it arrives as a socket of the worker's own on it (`reuse_port_socket`), which
+    the worker listens on. With one socket shared by all, an idle worker accepted every pending
+    connection at once: 2, 4, 8 and once all 16 new keep-alive connections landed on one of two
+    workers, which served them alone. Connections queued on a worker that dies are reset, where a
+    shared socket would have kept them for the others."""
+
+    host: str
+    port: int
+
+    def __reduce__(self) -> tuple[Callable[[str, int], socket.socket], tuple[str, int]]:
+        return reuse_port_socket, (self.host, self.port)
+
+
+@contextlib.contextmanager
+def port_for_workers(host: str, port: int) -> Iterator[OwnListener]:
+    """The port, held by the supervisor while its workers run: bound with SO_REUSEPORT and never
+    listened on (the kernel hands connections only to listening sockets), so a port in use fails
+    here, once (ListenError), and port 0 becomes one port for every worker."""
+    try:
+        held = reuse_port_socket(host, port)
+    except OSError as e:
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    with held:
+        yield OwnListener(host, held.getsockname()[1])
+
+
+class ListenError(RuntimeError):
+    """The workers' port cannot be bound (in use, or an address this host does not have)."""
 
 
 class RunFolder:
