@@ -70,7 +70,8 @@ class RayMetrics:
         for k, count in enumerate(np.bincount(outcome.exits).tolist()):
             if count:
                 self.exit_answers.inc(float(count), tags | {"exit": str(k)})
-        self.macs.inc(float(model.runtime.cumulative_macs[outcome.exits].sum()), tags)
-        self.full_depth_macs.inc(model.full_macs * len(outcome.exits), tags)
+        computed, full_depth = model.computed_macs(outcome)
+        self.macs.inc(computed, tags)
+        self.full_depth_macs.inc(full_depth, tags)
         self.request_seconds.observe(result.latency_s, tags)
         self.count(name, version, "ok")

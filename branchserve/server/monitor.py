@@ -97,8 +97,10 @@ class ExitMonitor:
 
     def serving(self, rungs: Sequence[Choice], rung: int) -> Choice | None:
         """What serves instead of `rungs[rung]` under the action while rungs are alarmed; None: serve it."""
+        if self.action == "alert":  # the default: nothing to build per request
+            return None
         alarmed = {(p.name, p.thresholds) for p in self.check.points if p.alarmed}
-        if self.action == "alert" or not alarmed:
+        if not alarmed:
             return None
         if self.action == "full":
             return self.full_depth

@@ -105,7 +105,10 @@ class ServedModel:
             if unless_changed_from is None or self.policy is unless_changed_from:
                 choice = choose(self.manifest, policy, self.runtime.clock.per_input_ms())
                 self.policy, self.choice, self.chosen_at = policy, choice, time.monotonic()
-                self.rungs = [choice, *(c for c in self._ladder_rungs if self._macs(c) < self._macs(choice))]
+                self.rungs = [
+                    choice,
+                    *(c for c in self._ladder_rungs if self._expected_macs(c) < self._expected_macs(choice)),
+                ]
                 if self.monitor is not None:
                     self.monitor.watch(self.rungs)
                 self._publish_rung(0 if self.ladder is None else self.ladder.rung)
@@ -122,7 +125,11 @@ class ServedModel:
     def expected_saved(self, choice: Choice) -> float:
         return math.nan if choice.point is None else 1.0 - choice.point.expected_macs / self.full_macs
 
-    def _macs(self, choice: Choice) -> float:
+    def computed_macs(self, outcome: Outcome) -> tuple[float, float]:
+        """MACs a run computed, and what its inputs would have cost at full depth."""
+        return float(self.runtime.cumulative_macs[outcome.exits].sum()), self.full_macs * len(outcome.exits)
+
+    def _expected_macs(self, choice: Choice) -> float:
         return self.full_macs if choice.point is None else choice.point.expected_macs
 
     def _stage_ms(self, choice: Choice) -> float:
@@ -178,9 +185,10 @@ class ServedModel:
         """Count a request for the ladder; publish a move."""
         if self.ladder is None:
             return
-        before = self.ladder.rung
+        before, utilisation = self.ladder.rung, self.ladder.utilisation
         moved_to = self.ladder.observe(inputs)
-        self.metrics.utilisation.labels(*self.labels).set(self.ladder.utilisation)
+        if self.ladder.utilisation != utilisation:  # it changes only when a tick measures it
+            self.metrics.utilisation.labels(*self.labels).set(self.ladder.utilisation)
         if moved_to is not None:
             self.metrics.ladder_moves.labels(*self.labels, "down" if moved_to > before else "up").inc()
             self._publish_rung(moved_to)
@@ -192,8 +200,8 @@ class ServedModel:
         self.metrics.served_epsilon.labels(*self.labels).set(math.nan if guarantee is None else guarantee.epsilon)
 
     def _observe(self, outcome: Outcome, latency: float, source: Source, rung: int | None, missed: bool | None) -> None:
-        m, labels, exits = self.metrics, self.labels, outcome.exits
-        self.series.observe_run(outcome, float(self.runtime.cumulative_macs[exits].sum()), self.full_macs * len(exits))
+        m, labels = self.metrics, self.labels
+        self.series.observe_run(outcome, *self.computed_macs(outcome))
         self.series.answered.inc()
         self.series.request_seconds.observe(latency)
         if rung is not None:
