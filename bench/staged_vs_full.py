@@ -9,7 +9,8 @@ spinning; calibrated as at start-up) and times, in one loop, taking turns in blo
   buffers at batch 1, the C binding with numpy out at larger batches), against the full graph
   called the same way (`repo/graphcalls.py`). This is also what `calibrate` records.
 * served: `ModelRuntime.run` with no exit taken (every stage, its confidence, the bookkeeping)
-  against the full graph plus what serving it would need once (its confidence and softmax).
+  against the full graph plus what serving it would need once (its confidence; probabilities are
+  computed only for answers that ask for them, by either).
 * `session.run`: both through onnxruntime's Python wrapper with numpy in and out, as the server
   called its stages before (for comparison).
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from branchserve.repo.confidence import exit_confidence, softmax
+from branchserve.repo.confidence import exit_confidence
 from branchserve.repo.graphcalls import BoundChain, graph_call
 from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import Manifest
@@ -56,9 +57,7 @@ def timings(m: Manifest, version_dir: Path, x: np.ndarray) -> dict[str, Callable
             return call(m.input.name, x)[names.index(final)]
 
     def full_served() -> None:
-        logits = full()
-        exit_confidence(logits, m.confidence)
-        softmax(logits)
+        exit_confidence(full(), m.confidence)
 
     def stage_calls() -> None:
         call, h = runtime.stage_call(x), x

@@ -38,10 +38,11 @@ MODEL = "fmnist-resnet"
 CONNECTIONS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
-def wrk(url: str, connections: int, seconds: float, prefix: str = "") -> dict[str, Any]:
-    """`connections` closed-loop clients for `seconds`; `prefix`: an application's route prefix. Also
-    wrk's own CPU per request (µs)."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(SCRIPT), url, "--", str(SAMPLES_DIR), MODEL]
+def wrk(url: str, connections: int, seconds: float, prefix: str = "", cpus: str | None = None) -> dict[str, Any]:
+    """`connections` closed-loop clients for `seconds`; `prefix`: an application's route prefix; `cpus`:
+    pin wrk to these CPUs (`taskset -c`). Also wrk's own CPU per request (µs)."""
+    cmd = ["taskset", "-c", cpus] if cpus else []
+    cmd += ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(SCRIPT), url, "--", str(SAMPLES_DIR), MODEL]
     cmd += [prefix] if prefix else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

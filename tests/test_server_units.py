@@ -4,6 +4,7 @@ the live clock, input checks, settings, and that nothing in server/ imports torc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import subprocess
 import sys
 import time
@@ -11,21 +12,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from pydantic import ValidationError
+from starlette.requests import Request
 
 from branchserve.repo.confidence import confidence, exit_confidence, softmax
 from branchserve.repo.frontier import expected_cost
 from branchserve.repo.loading import load_repository
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.points import Policy, cheapest_meeting, choose, most_accurate_within
+from branchserve.server import api
 from branchserve.server.admission import Admission
-from branchserve.server.app import predict_url
+from branchserve.server.app import EXCEPTION_HANDLERS, BranchServe, predict_path, predict_url
 from branchserve.server.budget import Budget
 from branchserve.server.cli import register
 from branchserve.server.decoding import array_batch
 from branchserve.server.errors import RequestError
 from branchserve.server.metrics import Metrics
+from branchserve.server.oip import rest as oip_rest
 from branchserve.server.predictor import DeadlineError, PredictError, PredictRequest, ServedModel
 from branchserve.server.runtime import ModelRuntime, StageClock
 from branchserve.server.settings import Settings
@@ -110,24 +115,27 @@ def test_exit_confidence_is_the_confidence_of_the_softmax_bit_for_bit() -> None:
 def test_batch_one_runs_bound_in_every_thread_and_answers_as_the_graphs_do(
     runtime: ModelRuntime, inputs: np.ndarray
 ) -> None:
-    """Batch 1 runs on each thread's own bound buffers; the answers (copied out of them) are exactly
-    what the stage graphs return with numpy out, however many threads run at once."""
+    """Batch 1 runs on each thread's own bound buffers, which its next run writes again; the answers
+    (copied out of them) are exactly what the stage graphs return with numpy out, however many
+    threads run at once, at the first exit as at the last."""
     n = runtime.num_exits
-    never = [2.0] * (n - 1) + [0.0]
 
-    def graphs(x: np.ndarray) -> np.ndarray:
+    def graphs(x: np.ndarray, depth: int) -> np.ndarray:
         h: np.ndarray | None = x[None]
-        for stage in runtime.stages:
+        for stage in runtime.stages[: depth + 1]:
             logits, h = stage(h)
         return logits
 
-    with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(lambda x: runtime.run(x[None], never, n - 1), np.repeat(inputs, 4, axis=0)))
-    for x, outcome in zip(np.repeat(inputs, 4, axis=0), outcomes, strict=True):
-        expected = graphs(x)
-        np.testing.assert_array_equal(outcome.logits, expected)
-        np.testing.assert_array_equal(outcome.probs, softmax(expected))
-        assert outcome.exits.tolist() == [n - 1] and len(outcome.scored) == n
+    for exit_k, thresholds in ((n - 1, [2.0] * (n - 1) + [0.0]), (0, [0.0] * n)):
+        with ThreadPoolExecutor(4) as pool:
+            xs = np.repeat(inputs, 4, axis=0)
+            outcomes = list(pool.map(lambda x, t=thresholds: runtime.run(x[None], t, n - 1), xs))
+        for x, outcome in zip(xs, outcomes, strict=True):
+            expected = graphs(x, exit_k)
+            np.testing.assert_array_equal(outcome.logits, expected)
+            np.testing.assert_array_equal(outcome.probs, softmax(expected))
+            assert outcome.classes.tolist() == expected.argmax(axis=1).tolist()
+            assert outcome.exits.tolist() == [exit_k] and len(outcome.scored) == exit_k + 1
 
 
 def test_max_exit_and_deadline(runtime: ModelRuntime, inputs: np.ndarray) -> None:
@@ -269,5 +277,28 @@ def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch
     ],
 )
 def test_the_door_knows_every_predict_url(url: bytes, named: tuple[str, str | None] | None) -> None:
-    """The connection counts and may refuse exactly the predict requests of both APIs."""
+    """The connection counts and may refuse exactly the predict requests of both APIs, and the app
+    sends exactly those straight to their endpoint."""
     assert predict_url(url) == named
+    target = predict_path(url.partition(b"?")[0].decode())
+    assert (target is None) == (named is None)
+    if target is not None:
+        assert target[0] is (api.predict if url.startswith(b"/v1/") else oip_rest.infer)
+
+
+def test_errors_of_the_direct_inference_path_get_the_registered_answers() -> None:
+    """Predict requests skip FastAPI's middleware, so their exceptions must map to the same answers:
+    the nearest registered class's handler, and a JSON 500 for anything unexpected."""
+    app = BranchServe(exception_handlers=EXCEPTION_HANDLERS)
+
+    async def answer(exc: Exception) -> tuple[int, dict]:
+        scope = {"type": "http", "method": "POST", "path": "/v1/models/m/predict", "headers": [], "query_string": b""}
+        response = await app.handled(Request(scope), exc)
+        return response.status_code, orjson.loads(bytes(response.body))
+
+    status, body = asyncio.run(answer(RequestError(415, "unsupported content type")))
+    assert (status, body["detail"]) == (415, "unsupported content type")
+    status, body = asyncio.run(answer(PredictError("budget.max_exit: m has exits 0..3")))
+    assert status == 422 and body["detail"].startswith("budget.max_exit")
+    status, body = asyncio.run(answer(ZeroDivisionError("a bug")))
+    assert (status, body["detail"]) == (500, "internal error")

@@ -62,7 +62,8 @@ class Keys:
 
     def check(self, request: Request) -> None:
         """401 unless the request carries one of the keys (nothing to check when none are configured)."""
-        self.check_token(presented(request))
+        if self.required:  # else not even the header is read
+            self.check_token(presented(request))
 
     def check_token(self, token: bytes | None) -> None:
         """As `check`, for a bearer token presented some other way (gRPC metadata)."""

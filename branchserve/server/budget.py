@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Budget(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        frozen=True,  # NO_BUDGET is shared by every request that names none
         json_schema_extra={"examples": [{"deadline_ms": 2.0}, {"max_exit": 1}, {"max_accuracy_drop": 0}]},
     )
 
@@ -23,3 +24,6 @@ class Budget(BaseModel):
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1, description="replaces the server's operating point with the cheapest that meets this target"
     )
+
+
+NO_BUDGET = Budget()

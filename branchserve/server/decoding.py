@@ -9,6 +9,7 @@ input cost 12–20 % of throughput; only the small budget goes through pydantic.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from branchserve.repo.imaging import ImageError, image_to_input, open_image
 from branchserve.repo.manifest import InputSpec
 from branchserve.repo.tensors import FloatArray
-from branchserve.server.budget import Budget
+from branchserve.server.budget import NO_BUDGET, Budget
 from branchserve.server.errors import RequestError
 from branchserve.server.predictor import PredictRequest
 
@@ -47,7 +48,7 @@ class QueryParams(Budget):
 def query_options(query: Mapping[str, str]) -> tuple[Budget, bool]:
     """The budget and the probabilities flag from the query string."""
     if not query:  # most requests: no validation to run
-        return Budget.model_construct(), False
+        return NO_BUDGET, False
     try:
         params = QueryParams.model_validate(dict(query))
     except ValidationError as e:
@@ -196,9 +197,10 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def accepted_types(limits: Limits) -> list[str]:
+@functools.cache  # once per server's limits: it is asked on every request
+def accepted_types(limits: Limits) -> tuple[str, ...]:
     images = [f"image/{f}" for f in limits.image_formats]
-    return [t for t in PARSERS if not t.startswith("image/") or t in images]
+    return tuple(t for t in PARSERS if not t.startswith("image/") or t in images)
 
 
 def parser_for(content_type: str | None, limits: Limits) -> Parser:

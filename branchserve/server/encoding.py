@@ -9,7 +9,7 @@ from branchserve.server.predictor import Result
 
 def encode_native(result: Result) -> bytes:
     outcome, labels, budget, guarantee = result.outcome, result.manifest.labels, result.budget, result.choice.guarantee
-    classes = outcome.probs.argmax(axis=1).tolist()
+    classes = outcome.classes.tolist()
     outputs: list[dict[str, object]] = [
         {"exit": k, "confidence": c, "class": y, "label": labels[y], "stages_run": k + 1}
         for k, c, y in zip(outcome.exits.tolist(), outcome.confidence.tolist(), classes, strict=True)

@@ -67,8 +67,8 @@ def output_specs(manifest: Manifest) -> list[TensorSpec]:
 
 
 OUTPUTS: dict[str, Callable[[Result], np.ndarray]] = {
-    "class": lambda r: r.outcome.probs.argmax(axis=1).astype(np.int64),
-    "label": lambda r: np.array([r.manifest.labels[y].encode() for y in r.outcome.probs.argmax(axis=1)], object),
+    "class": lambda r: r.outcome.classes,
+    "label": lambda r: np.array([r.manifest.labels[y].encode() for y in r.outcome.classes], object),
     "exit": lambda r: r.outcome.exits.astype(np.int32),
     "confidence": lambda r: r.outcome.confidence.astype(np.float32),
     "probabilities": lambda r: r.outcome.probs,
