@@ -429,6 +429,7 @@ BAD_INPUTS: list[tuple[str, str, str, dict, bytes, dict, int]] = [
         400,
     ),
     ("unknown model", "POST", "/v1/models/nope/predict", JSON, orjson.dumps({"inputs": ONE}), {}, 404),
+    ("empty version", "POST", "versions//predict", JSON, orjson.dumps({"inputs": ONE}), {}, 404),
     ("GET on predict", "GET", "predict", {}, b"", {}, 405),
     ("unknown path", "GET", "/v1/nothing", {}, b"", {}, 404),
     ("admin without token", "PUT", "operating-point", JSON, b"{}", {}, 401),

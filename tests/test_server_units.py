@@ -10,6 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import orjson
@@ -274,13 +275,16 @@ def test_admission_tightens_while_a_queue_stands_and_prices_the_door(monkeypatch
         (b"/v2/models/m/ready", None),
         (b"/v2/models/m/other/3/infer", None),
         (b"/v2/repository/models/m/load", None),
+        (b"/v1/models//predict", None),
+        (b"/v1/models/m/versions//predict", None),
+        (b"/v1/models/m%2Dx/predict", ("m-x", None)),
     ],
 )
 def test_the_door_knows_every_predict_url(url: bytes, named: tuple[str, str | None] | None) -> None:
     """The connection counts and may refuse exactly the predict requests of both APIs, and the app
     sends exactly those straight to their endpoint."""
     assert predict_url(url) == named
-    target = predict_path(url.partition(b"?")[0].decode())
+    target = predict_path(unquote(url.partition(b"?")[0].decode()))
     assert (target is None) == (named is None)
     if target is not None:
         assert target[0] is (api.predict if url.startswith(b"/v1/") else oip_rest.infer)

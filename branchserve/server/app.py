@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from types import ModuleType
 from typing import Any, cast
+from urllib.parse import unquote
 
 import anyio
 from fastapi import FastAPI, Request, Response
@@ -184,6 +185,8 @@ def predict_path(path: str) -> tuple[Endpoint, str, str | None] | None:
     parts = path.split("/")  # "", "v1", "models", name, ["versions", v,] "predict"
     if len(parts) not in (5, 7) or parts[2] != "models" or (len(parts) == 7 and parts[4] != "versions"):
         return None
+    if not all(parts[3:-1]):  # an empty name or version, which a route's `{name}` would not match
+        return None
     endpoint = INFERENCE_ENDPOINTS.get((parts[1], parts[-1]))
     if endpoint is None:
         return None
@@ -191,9 +194,9 @@ def predict_path(path: str) -> tuple[Endpoint, str, str | None] | None:
 
 
 def predict_url(url: bytes) -> tuple[str, str | None] | None:
-    """(model, version or None) of a predict request's raw URL, as the connection reads it; None for
-    any other URL."""
-    target = predict_path(url.partition(b"?")[0].decode("latin-1"))
+    """(model, version or None) of a predict request's raw URL, as the connection reads it, decoded
+    as uvicorn decodes the path it gives the app; None for any other URL."""
+    target = predict_path(unquote(url.partition(b"?")[0].decode("latin-1")))
     return None if target is None else target[1:]
 
 
@@ -220,7 +223,9 @@ class BranchServe(FastAPI):
 
     async def handled(self, request: Request, exc: Exception) -> Response:
         """The answer the registered handler of `exc`'s nearest class gives (`on_unexpected` at the least)."""
-        handler = next(self.exception_handlers[c] for c in type(exc).__mro__ if c in self.exception_handlers)
+        handler = next((self.exception_handlers[c] for c in type(exc).__mro__ if c in self.exception_handlers), None)
+        if handler is None:  # an app without a handler for Exception: uvicorn answers 500
+            raise exc
         return await cast(Awaitable[Response], handler(request, exc))  # EXCEPTION_HANDLERS: all async
 
 

@@ -80,7 +80,8 @@ class Outcome:
 
     @property
     def classes(self) -> IntArray:
-        """(n,): each input's class, its exit's top logit."""
+        """(n,): each input's class, its exit's top logit: the top probability's, except where two
+        logits are so close that their probabilities round to the same float32."""
         top: IntArray = self.logits.argmax(axis=1)
         return top
 
@@ -248,8 +249,9 @@ class ModelRuntime:
         exit-quality monitor needs of the rows it sampled.
 
         Only confidences are computed per stage (for max-softmax, 1/Σexp(z − max), without the
-        full softmax); inputs are written to the answer when they leave, and probabilities once at
-        the end. At batch 1 that is a handful of numpy calls per stage instead of a dozen.
+        full softmax); inputs are written to the answer when they leave, and probabilities only if
+        an answer asks for them (`Outcome.probs`). At batch 1 that is a handful of numpy calls per
+        stage instead of a dozen.
         """
         rows = np.arange(len(x))  # the inputs still running
         answered: list[tuple[int, IntArray, FloatArray | Float64Array, FloatArray]] = []  # exit, rows, conf, logits
