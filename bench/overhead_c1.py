@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from workers import ROOT, wrk
+from workers import ROOT, pinned, wrk
 
 from branchserve.loadtest.servers import Server, branchserve_cmd, free_port, started_server
 
@@ -52,8 +52,9 @@ def main() -> None:
         for name, cpus in PLACEMENTS.items():
             port = free_port()
             cmd = branchserve_cmd(ROOT / "models", port, "--workers", "1", "--grpc-port", "0", "--log-level", "warning")
-            pinned = ["taskset", "-c", cpus, *cmd] if cpus else cmd
-            servers[name] = stack.enter_context(started_server(pinned, port, Path(tmp) / f"server-{port}.log"))
+            servers[name] = stack.enter_context(
+                started_server(pinned(cmd, cpus), port, Path(tmp) / f"server-{port}.log")
+            )
             wrk(servers[name].url, 1, 3.0, cpus=cpus)  # warm-up
         for r in range(args.repeats):
             for name, cpus in PLACEMENTS.items():

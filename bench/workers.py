@@ -38,12 +38,16 @@ MODEL = "fmnist-resnet"
 CONNECTIONS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    """`cmd` run on these CPUs only (`taskset -c`), or anywhere."""
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
 def wrk(url: str, connections: int, seconds: float, prefix: str = "", cpus: str | None = None) -> dict[str, Any]:
     """`connections` closed-loop clients for `seconds`; `prefix`: an application's route prefix; `cpus`:
     pin wrk to these CPUs (`taskset -c`). Also wrk's own CPU per request (µs)."""
-    cmd = ["taskset", "-c", cpus] if cpus else []
-    cmd += ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(SCRIPT), url, "--", str(SAMPLES_DIR), MODEL]
-    cmd += [prefix] if prefix else []
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(SCRIPT), url, "--", str(SAMPLES_DIR), MODEL]
+    cmd = pinned(cmd + ([prefix] if prefix else []), cpus)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -75,13 +79,12 @@ def capacity_at(
     for c in CONNECTIONS:
         used = None if server_pid is None else cpu_seconds(server_pid)
         step = wrk(url, c, seconds, prefix) | {"connections": c}
+        cpu = ""
         if server_pid is not None and used is not None:
             step["server_cpu_us"] = (cpu_seconds(server_pid) - used) / max(step["requests"], 1) * 1e6
+            cpu = f", CPU/request server {step['server_cpu_us']:.0f} µs wrk {step['wrk_cpu_us']:.0f} µs"
         steps.append(step)
         holds = step["p99_ms"] <= p99_ms and step["ok"] == step["requests"] and not step["errors"]
-        cpu = (
-            f", CPU/request server {step['server_cpu_us']:.0f} µs wrk {step['wrk_cpu_us']:.0f} µs" if server_pid else ""
-        )
         print(f"  {name} c={c:3d}: {step['rps']:7.0f} req/s, p99 {step['p99_ms']:6.2f} ms, "
               f"refused {step['refused']}, {'holds' if holds else 'breaks'}{cpu}", flush=True)  # fmt: skip
         if not holds:
