@@ -30,10 +30,10 @@ from branchserve.repo.frontier import (
     score,
     search,
 )
-from branchserve.repo.graphcalls import BoundChain
+from branchserve.repo.graphcalls import BoundChain, run_chain
 from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import MANIFEST_FILE, Manifest
-from branchserve.repo.profiling import BoundGraphs, run_chain
+from branchserve.repo.profiling import BoundGraphs
 from branchserve.repo.sessions import load_session
 from branchserve.training import provenance
 from branchserve.training.data import Dataset

@@ -20,10 +20,10 @@ from PIL import Image
 from serving import running_server
 
 from branchserve.cli import main
+from branchserve.repo.graphcalls import run_chain
 from branchserve.repo.imaging import image_to_input, open_image
 from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import Manifest
-from branchserve.repo.profiling import run_chain
 from branchserve.repo.sessions import load_session
 from branchserve.training.config import DataSource
 from branchserve.training.data import load_data

@@ -1,4 +1,4 @@
-"""Run a version's stage graphs as a chain, and measure what each stage costs on this host.
+"""Measure what each stage of a version costs on this host, and the full graph beside them.
 
 Latency is measured with the sessions the server uses (one intra-op thread, no spinning), on
 random inputs: a CNN's cost does not depend on pixel values, so re-measuring on another machine
@@ -8,11 +8,12 @@ warm, as a server running the same graphs request after request sees them. (Alte
 run made each graph start with the other's weights evicted from L2: both ran ~10 % slower and the
 chain lost more: 1.058 against 1.051 times the full graph in one process, fmnist-resnet/2.)
 
-Graphs are timed through the calls the server makes (`repo/graphcalls.py`): bound to buffers
+Stages are loaded as the server loads them (`repo/blocked.py`: boundaries in onnxruntime's blocked
+layout) and timed through the calls the server makes (`repo/graphcalls.py`): bound to buffers
 allocated once at batch 1 (`BoundGraphs`), onnxruntime's C binding with numpy out at larger
 batches (`CalledGraphs`). A plain `session.run` (`PlainGraphs`, for comparison) adds the
-wrapper's checks and allocates its outputs on every call: the shipped four-stage chain is ~1.06–1.09×
-the full graph that way against ~1.03–1.04× bound (bench/staged_vs_full.py shows both).
+wrapper's checks and allocates its outputs on every call: the shipped four-stage chain is ~1.055×
+the full graph that way against ~1.025× bound (bench/staged_vs_full.py shows both).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from branchserve.repo.blocked import load_stages
 from branchserve.repo.graphcalls import BoundChain, graph_call
 from branchserve.repo.manifest import CostProfile, StageLatency
 from branchserve.repo.sessions import RUN_OPTIONS, load_session
@@ -36,17 +37,6 @@ from branchserve.repo.tensors import Float64Array, FloatArray
 
 INTRA_OP_THREADS = 1
 BLOCK = 50
-
-
-def run_chain(stages: Sequence[ort.InferenceSession], x: FloatArray) -> list[FloatArray]:
-    """Every exit's logits, feeding each stage's boundary tensor to the next stage."""
-    logits = []
-    for k, session in enumerate(stages):
-        out = cast(list[FloatArray], session.run(None, {session.get_inputs()[0].name: x}, RUN_OPTIONS))
-        if k < len(stages) - 1:
-            x = out[0]
-        logits.append(out[-1])
-    return logits
 
 
 def describe_host() -> str:
@@ -160,7 +150,7 @@ def measure(
     skewed to the right, and their medians summed to 0.787 ms against a chain median of 0.816 ms
     on the shipped model.
     """
-    stages = [load_session(f, INTRA_OP_THREADS) for f in stage_files]
+    stages = load_stages(stage_files, INTRA_OP_THREADS)
     full = load_session(full_file, INTRA_OP_THREADS)
     counts = {b: max(50, runs // b) for b in batch_sizes}
     rng = np.random.default_rng(0)

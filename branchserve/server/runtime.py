@@ -18,10 +18,10 @@ from typing import cast
 import numpy as np
 import onnxruntime as ort
 
+from branchserve.repo.blocked import load_stages
 from branchserve.repo.confidence import confidence, exit_confidence, softmax
 from branchserve.repo.graphcalls import BoundChain, graph_call
 from branchserve.repo.manifest import Manifest, StageSpec
-from branchserve.repo.sessions import load_session
 from branchserve.repo.tensors import Float64Array, FloatArray, IntArray
 
 CALIBRATION_BATCH = 16
@@ -190,9 +190,8 @@ class ModelRuntime:
         self.manifest = manifest
         self._local_stages: list[Stage] | None = None
         if remote is None:
-            self._local_stages = [
-                Stage(s, load_session(version_dir / s.file, intra_op_threads)) for s in manifest.stages
-            ]
+            sessions = load_stages([version_dir / s.file for s in manifest.stages], intra_op_threads)
+            self._local_stages = [Stage(s, session) for s, session in zip(manifest.stages, sessions, strict=True)]
         self.stages: list[StageFn] = list(self._local_stages or remote or [])
         self.input_shape = manifest.input.shape
         stage_macs = [s.backbone_macs + s.head_macs for s in manifest.stages]

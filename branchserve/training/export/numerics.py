@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from branchserve.repo.profiling import run_chain
+from branchserve.repo.graphcalls import run_chain
 from branchserve.repo.sessions import load_session
 from branchserve.training.export import ExportError
 from branchserve.training.export.graphs import FULL_FILE, logits_name, stage_file

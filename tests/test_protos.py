@@ -1,6 +1,6 @@
-"""The committed OIP protobuf code: it is what scripts/generate_oip_proto.sh makes of the .proto today,
-and the .proto is wire-compatible with the one tritonclient speaks (same messages, field names,
-numbers and types), so `tritonclient.grpc` works unmodified."""
+"""The committed protobuf code: it is what scripts/generate_protos.sh makes of the .protos today. The
+OIP .proto is wire-compatible with the one tritonclient speaks (same messages, field names, numbers
+and types), so `tritonclient.grpc` works unmodified; the ONNX subset declares its fields as ONNX does."""
 
 from __future__ import annotations
 
@@ -9,30 +9,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 from google.protobuf.descriptor import Descriptor
 from tritonclient.grpc import service_pb2
 
+from branchserve.repo.proto import onnx_graph_pb2
 from branchserve.server.oip.grpc_service import SERVICE_NAME
 from branchserve.server.oip.proto import grpc_predict_v2_pb2 as ours
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO_DIR = Path("branchserve/server/oip/proto")
-GENERATED = ["grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi"]
+GENERATED = [
+    Path("branchserve/server/oip/proto") / name for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi")
+] + [Path("branchserve/repo/proto") / name for name in ("onnx_graph_pb2.py", "onnx_graph_pb2.pyi")]
 
 
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("proto")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # this venv's python
-    subprocess.run(["bash", str(ROOT / "scripts" / "generate_oip_proto.sh"), str(out)], check=True, cwd=ROOT, env=env)
+    subprocess.run(["bash", str(ROOT / "scripts" / "generate_protos.sh"), str(out)], check=True, cwd=ROOT, env=env)
     return out
 
 
 def test_committed_code_is_what_the_script_generates(regenerated: Path) -> None:
-    for name in GENERATED:
-        fresh = (regenerated / PROTO_DIR / name).read_text()
-        assert fresh == (ROOT / PROTO_DIR / name).read_text(), f"{name} is stale: run scripts/generate_oip_proto.sh"
+    for path in GENERATED:
+        fresh = (regenerated / path).read_text()
+        assert fresh == (ROOT / path).read_text(), f"{path} is stale: run scripts/generate_protos.sh"
 
 
 def fields(message: Descriptor) -> dict[str, tuple[int, int, str]]:
@@ -70,3 +73,28 @@ def test_every_message_and_rpc_matches_tritonclients() -> None:
         "ModelMetadata",
         "ModelInfer",
     ]
+
+
+def test_the_onnx_subset_declares_its_fields_as_onnx_does() -> None:
+    """Importing both in one process is part of the test: the train extra loads onnx beside it."""
+    pending = [
+        (m, onnx.onnx_ml_pb2.DESCRIPTOR.message_types_by_name[n])
+        for n, m in onnx_graph_pb2.DESCRIPTOR.message_types_by_name.items()
+    ]
+    checked = set()
+    while pending:
+        mine, theirs = pending.pop()
+        checked.add(relative(mine))
+        their_fields = fields(theirs)
+        for name, spec in fields(mine).items():
+            assert their_fields.get(name) == spec, (mine.full_name, name, spec, their_fields.get(name))
+        pending += [(n, theirs.nested_types_by_name[n.name]) for n in mine.nested_types]
+    assert checked == {
+        "ModelProto",
+        "GraphProto",
+        "NodeProto",
+        "ValueInfoProto",
+        "TypeProto",
+        "TypeProto.Tensor",
+        "TensorShapeProto",
+    }
