@@ -3,7 +3,7 @@
 # Settings are BRANCHSERVE_* environment variables (branchserve/server/settings.py), e.g. -e BRANCHSERVE_MAX_IN_FLIGHT=32.
 
 # Build stage: install the server with the gRPC extra (no train/loadtest extras) into a venv, without pip's
-# cache. The gRPC extra (grpcio, protobuf) adds 18 MB of 433 (docs/deployment.md). `--build-arg EXTRAS=grpc,ray`
+# cache. The gRPC extra (grpcio) adds 18 MB of 433 (docs/deployment.md). `--build-arg EXTRAS=grpc,ray`
 # makes an image that also runs as a Ray worker (docs/deployment.md, "Ray cluster").
 FROM python:3.11-slim AS build
 ARG EXTRAS=grpc

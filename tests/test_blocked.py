@@ -9,6 +9,7 @@ from typing import cast
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -28,11 +29,11 @@ def stage_files(version_dir: Path) -> list[Path]:
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_boundaries_are_blocked_and_logits_bit_identical(batch: int) -> None:
-    """The shipped model's boundaries have 32–64 channels: whole blocks on any AVX2 or AVX-512 CPU."""
-    files = stage_files(SHIPPED)
-    blocked, plain = load_stages(files), [load_session(f) for f in files]
-    x = np.random.default_rng(batch).standard_normal((batch, *load_version(files[0].parent).input.shape))
-    x = x.astype(np.float32)
+    """The shipped model's boundaries have 32, 48 and 96 channels: whole blocks on an AVX-512 CPU
+    (16 channels, the test machines) or an AVX2 one (8), so each is a reordering of the plain tensor."""
+    files, shape = stage_files(SHIPPED), load_version(SHIPPED).input.shape
+    blocked, plain = load_stages(files, shape), [load_session(f) for f in files]
+    x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
     a = p = x
     for k in range(len(files) - 1):  # each boundary: the plain tensor's values, in another order
         a = blocked[k].run(None, {blocked[k].get_inputs()[0].name: a})[0]
@@ -89,12 +90,83 @@ def dense_stage(tmp_path: Path, k: int, width: int, last: bool) -> Path:
 
 def test_a_chain_without_blocked_layout_keeps_its_graphs(tmp_path: Path) -> None:
     files = [dense_stage(tmp_path, k, 16, last=k == 2) for k in range(3)]
-    stages, plain = load_stages(files), [load_session(f) for f in files]
+    stages, plain = load_stages(files, (16,)), [load_session(f) for f in files]
     x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
     boundary = stages[0].run(None, {"x": x})[0]
     assert np.array_equal(boundary, plain[0].run(None, {"x": x})[0])
     for got, want in zip(run_chain(stages, x), run_chain(plain, x), strict=True):
         assert np.array_equal(got, want)
+
+
+def conv_chain(tmp_path: Path, head_output: str, height: int | str = 8) -> list[Path]:
+    """Two stages on (n, 3, 8, 8): a 32-channel convolution whose boundary stage 0's head flattens
+    as it is (so the stage reads the plain tensor, into a value named `head_output`), then another
+    convolution and a pooled head."""
+    rng = np.random.default_rng(0)
+
+    def weights(name: str, *shape: int) -> str:
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name))
+        return name
+
+    def value(name: str, *shape: int | str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+    inits: list[onnx.TensorProto] = []
+    nodes = [
+        helper.make_node("Conv", ["x", weights("c0", 32, 3, 3, 3), weights("b0", 32)], ["a0"], pads=[1] * 4),
+        helper.make_node("Relu", ["a0"], ["boundary_0"]),
+        helper.make_node("Flatten", ["boundary_0"], [head_output]),
+        helper.make_node("Gemm", [head_output, weights("h0", 5, 32 * 64)], ["logits_0"], transB=1),
+    ]
+    outputs = [value("boundary_0", "n", 32, 8, 8), value("logits_0", "n", 5)]
+    first = helper.make_graph(nodes, "stage_0", [value("x", "n", 3, height, 8)], outputs, inits)
+    inits = []
+    nodes = [
+        helper.make_node("Conv", ["boundary_0", weights("c1", 32, 32, 3, 3), weights("b1", 32)], ["a1"], pads=[1] * 4),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", weights("h1", 5, 32)], ["logits_1"], transB=1),
+    ]
+    second = helper.make_graph(
+        nodes, "stage_1", [value("boundary_0", "n", 32, 8, 8)], [value("logits_1", "n", 5)], inits
+    )
+    files = [tmp_path / "stage_0.onnx", tmp_path / "stage_1.onnx"]
+    for graph, file in zip([first, second], files, strict=True):
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), file)
+    return files
+
+
+def blocked_first_boundary(stages: list[ort.InferenceSession], files: list[Path], x: np.ndarray) -> bool:
+    """Whether the chain's first boundary differs from the plain graph's, its logits being bit-identical."""
+    plain = [load_session(f) for f in files]
+    for got, want in zip(run_chain(stages, x), run_chain(plain, x), strict=True):
+        assert np.array_equal(got, want)
+    return not np.array_equal(stages[0].run(None, {"x": x})[0], plain[0].run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("head_output", ["flat", "boundary_0_plain"])
+def test_a_head_reading_the_plain_boundary_keeps_its_reorder(tmp_path: Path, head_output: str) -> None:
+    """Only the next stage's reorder goes; the kept one gets a name no value of the stage has."""
+    files = conv_chain(tmp_path, head_output)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert blocked_first_boundary(load_stages(files, (3, 8, 8)), files, x)
+
+
+def test_probes_take_the_models_input_shape_not_the_graphs_free_axes(tmp_path: Path) -> None:
+    files = conv_chain(tmp_path, "flat", height="h")
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert blocked_first_boundary(load_stages(files, (3, 8, 8)), files, x)
+
+
+def test_an_edit_onnxruntime_rejects_keeps_plain_boundaries(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Weights in external files: the optimized copy points at them relative to a folder it is not in."""
+    files = conv_chain(tmp_path, "flat")
+    for file in files:
+        onnx.save(onnx.load(file), file, save_as_external_data=True, location=f"{file.stem}.data", size_threshold=0)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert not blocked_first_boundary(load_stages(files, (3, 8, 8)), files, x)
+    assert "blocked boundaries failed" in caplog.text
 
 
 def test_the_graph_subset_reads_and_writes_a_model_whole() -> None:

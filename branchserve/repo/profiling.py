@@ -150,7 +150,7 @@ def measure(
     skewed to the right, and their medians summed to 0.787 ms against a chain median of 0.816 ms
     on the shipped model.
     """
-    stages = load_stages(stage_files, INTRA_OP_THREADS)
+    stages = load_stages(stage_files, input_shape, INTRA_OP_THREADS)
     full = load_session(full_file, INTRA_OP_THREADS)
     counts = {b: max(50, runs // b) for b in batch_sizes}
     rng = np.random.default_rng(0)

@@ -190,7 +190,9 @@ class ModelRuntime:
         self.manifest = manifest
         self._local_stages: list[Stage] | None = None
         if remote is None:
-            sessions = load_stages([version_dir / s.file for s in manifest.stages], intra_op_threads)
+            sessions = load_stages(
+                [version_dir / s.file for s in manifest.stages], manifest.input.shape, intra_op_threads
+            )
             self._local_stages = [Stage(s, session) for s, session in zip(manifest.stages, sessions, strict=True)]
         self.stages: list[StageFn] = list(self._local_stages or remote or [])
         self.input_shape = manifest.input.shape
