@@ -45,9 +45,9 @@ def run_chain(stages: Sequence[ort.InferenceSession], x: FloatArray) -> list[Flo
 
 
 class _BoundCall(functools.partial[None]):
-    """One bound run, `run_with_iobinding(binding, RUN_OPTIONS)` called from C: a Python method in
-    between cost ~0.5 µs per stage. It holds the buffers its binding points into: onnxruntime does
-    not own numpy memory, so a call that outlived its chain would write into freed memory."""
+    """One bound run, `run_with_iobinding(binding, RUN_OPTIONS)`, called from C without a Python
+    frame of its own. It holds the buffers its binding points into: onnxruntime does not own numpy
+    memory, so a call that outlived its chain would write into freed memory."""
 
     keep: list[ort.OrtValue]
 
