@@ -35,7 +35,7 @@ import torch
 
 from branchserve.fmnist import DataError
 from branchserve.training.config import DataSource
-from branchserve.training.data import load_data
+from branchserve.training.sources import load_data
 from branchserve.training.synthetic import class_names, write_folder
 
 

@@ -23,10 +23,10 @@ from branchserve.training.backbones.mobile import mobilenet
 from branchserve.training.backbones.resnet18 import ResNet18, resnet18
 from branchserve.training.backbones.staged import StagedNet, equidistant_cuts
 from branchserve.training.config import ArchConfig, DataSource
-from branchserve.training.data import load_data
 from branchserve.training.export import ExportError
 from branchserve.training.export.graphs import split_stages
 from branchserve.training.model import BranchedNet, stage_macs
+from branchserve.training.sources import load_data
 from branchserve.training.synthetic import write_folder
 from branchserve.training.train import load_model
 

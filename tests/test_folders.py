@@ -17,8 +17,9 @@ from branchserve.cli import main
 from branchserve.fmnist import DataError
 from branchserve.repo.imaging import image_to_input, image_to_pixels, open_image
 from branchserve.training.config import DataSource
-from branchserve.training.data import Dataset, load_data
+from branchserve.training.data import Dataset
 from branchserve.training.folders import FolderSplit
+from branchserve.training.sources import load_data
 from branchserve.training.synthetic import class_names, write_folder
 
 SIZES = ((32, 32), (48, 40), (40, 56))

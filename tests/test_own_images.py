@@ -26,8 +26,8 @@ from branchserve.repo.loading import load_version
 from branchserve.repo.manifest import Manifest
 from branchserve.repo.sessions import load_session
 from branchserve.training.config import DataSource
-from branchserve.training.data import load_data
 from branchserve.training.folders import FolderSplit
+from branchserve.training.sources import load_data
 from branchserve.training.synthetic import COLOURS, write_folder
 from branchserve.training.train import load_model
 

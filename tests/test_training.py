@@ -33,9 +33,10 @@ from branchserve.training.config import (
     equidistant_positions,
     loss_weights,
 )
-from branchserve.training.data import Dataset, load_data, load_fashion_mnist
+from branchserve.training.data import Dataset, load_fashion_mnist
 from branchserve.training.model import BranchedNet, stage_macs
 from branchserve.training.regime import phases
+from branchserve.training.sources import load_data
 from branchserve.training.train import exit_losses, make_optimizer, set_trainable, train_epoch
 
 TINY = ArchConfig(stem_width=4, blocks=((8, 2), (8, 1), (16, 2), (16, 1)), exits=(3,), head_conv_width=8)

@@ -147,7 +147,7 @@ def _train(args: argparse.Namespace) -> None:
     eval_limit = args.eval_limit or (QUICK_EVAL_LIMIT if args.quick else None)
 
     from branchserve.training.backbones.imported import BackboneError
-    from branchserve.training.data import load_data
+    from branchserve.training.sources import load_data
     from branchserve.training.train import ResumeError, train
 
     try:
@@ -356,10 +356,10 @@ def _export(args: argparse.Namespace) -> None:
     from branchserve.repo.manifest import RepositoryError
     from branchserve.repo.report import print_summary
     from branchserve.training.backbones.imported import BackboneError
-    from branchserve.training.data import load_data
     from branchserve.training.export import ExportError
     from branchserve.training.export.calibration import ExportSettings
     from branchserve.training.export.publish import export_run
+    from branchserve.training.sources import load_data
 
     settings = ExportSettings(
         confidence=args.confidence,
@@ -432,8 +432,8 @@ def _analyze(args: argparse.Namespace) -> None:
     import torch
 
     from branchserve.training.analysis import compare_runs
-    from branchserve.training.data import load_data
     from branchserve.training.report import write_analysis
+    from branchserve.training.sources import load_data
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -465,8 +465,8 @@ def _study(args: argparse.Namespace) -> None:
     except ValueError as e:
         fail("study", e)
 
-    from branchserve.training.data import load_data
     from branchserve.training.report import write_study
+    from branchserve.training.sources import load_data
     from branchserve.training.study import run_study
 
     try:

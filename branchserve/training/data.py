@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST held in memory, or a folder of images streamed from disk (`folders.py`).
+"""Datasets: what every source fills in, and Fashion-MNIST held in memory (a folder of images is
+streamed from disk by `folders.py`; `sources.py` loads whichever a run names).
 
 Every split is fixed by a seed, so validation (which calibrates exits later) and test (which is
 never used for a choice) stay the same across runs, presets and machines. A loaded dataset keeps
@@ -80,15 +81,6 @@ class Dataset:
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test)}
-
-
-def load_data(source: DataSource, spec: InputSpec | None = None, workers: int = 0, progress: bool = True) -> Dataset:
-    """The dataset `source` names; `spec` (a trained run's) skips working the input spec out again."""
-    if source.kind == "image-folder":
-        from branchserve.training.folders import load_image_folder
-
-        return load_image_folder(source, spec, workers, progress)
-    return load_fashion_mnist(source.path, split_seed=source.split_seed, source=source, spec=spec)
 
 
 def provisional_spec(size: int, color: str, resize: str = "stretch") -> InputSpec:
