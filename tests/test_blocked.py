@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from branchserve.repo import blocked as blocked_module
 from branchserve.repo.blocked import load_stages
 from branchserve.repo.graphcalls import run_chain
 from branchserve.repo.loading import load_version
@@ -167,6 +168,17 @@ def test_an_edit_onnxruntime_rejects_keeps_plain_boundaries(tmp_path: Path, capl
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert not blocked_first_boundary(load_stages(files, (3, 8, 8)), files, x)
     assert "blocked boundaries failed" in caplog.text
+
+
+def test_logits_that_change_keep_plain_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard itself: no host here changes the logits, so the comparison is made to say they differ."""
+    files = conv_chain(tmp_path, "flat")
+    monkeypatch.setattr(blocked_module, "_same_logits", lambda *_: False)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert not blocked_first_boundary(load_stages(files, (3, 8, 8)), files, x)
+    assert "blocked boundaries change the logits" in caplog.text
 
 
 def test_the_graph_subset_reads_and_writes_a_model_whole() -> None:

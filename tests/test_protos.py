@@ -38,9 +38,12 @@ def test_committed_code_is_what_the_script_generates(regenerated: Path) -> None:
         assert fresh == (ROOT / path).read_text(), f"{path} is stale: run scripts/generate_protos.sh"
 
 
-def fields(message: Descriptor) -> dict[str, tuple[int, int, str]]:
-    """Each field's number, type and message type (named within its package)."""
-    return {f.name: (f.number, f.type, relative(f.message_type) if f.message_type else "") for f in message.fields}
+def fields(message: Descriptor) -> dict[str, tuple[int, int, bool, str]]:
+    """Each field's number, type, whether it repeats, and message type (named within its package)."""
+    return {
+        f.name: (f.number, f.type, f.is_repeated, relative(f.message_type) if f.message_type else "")
+        for f in message.fields
+    }
 
 
 def relative(message: Descriptor) -> str:

@@ -83,14 +83,13 @@ def _blocked(
 def _cut(stage: GraphProto, next_stage: GraphProto) -> tuple[NodeProto, NodeProto] | None:
     """(the node of `stage` that reorders its first output out of the blocked layout, the node of
     `next_stage` that reorders its input in, being that input's only reader), if both exist."""
-    name = stage.output[0].name
-    reorder_out = [n for n in stage.node if n.domain == NCHWC and n.op_type == "ReorderOutput" and n.output == [name]]
-    name = next_stage.input[0].name
-    readers = [n for n in next_stage.node if name in n.input]
+    output, input_ = stage.output[0].name, next_stage.input[0].name
+    reorder_out = [n for n in stage.node if n.domain == NCHWC and n.op_type == "ReorderOutput" and n.output == [output]]
+    readers = [n for n in next_stage.node if input_ in n.input]
     if len(reorder_out) != 1 or len(readers) != 1:
         return None
     reorder_in = readers[0]
-    if reorder_in.domain != NCHWC or reorder_in.op_type != "ReorderInput" or reorder_in.input != [name]:
+    if reorder_in.domain != NCHWC or reorder_in.op_type != "ReorderInput" or reorder_in.input != [input_]:
         return None
     return reorder_out[0], reorder_in
 
