@@ -80,7 +80,7 @@ def capacity_at(
         used = None if server_pid is None else cpu_seconds(server_pid)
         step = wrk(url, c, seconds, prefix) | {"connections": c}
         cpu = ""
-        if server_pid is not None and used is not None:
+        if used is not None:
             step["server_cpu_us"] = (cpu_seconds(server_pid) - used) / max(step["requests"], 1) * 1e6
             cpu = f", CPU/request server {step['server_cpu_us']:.0f} µs wrk {step['wrk_cpu_us']:.0f} µs"
         steps.append(step)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from branchserve.repo.graphcalls import BoundChain, run_chain
+from branchserve.repo.graphcalls import BoundChain, chain_feeds, run_chain
 from branchserve.repo.proto.onnx_graph_pb2 import GraphProto, ModelProto, NodeProto
 from branchserve.repo.sessions import load_session, session_options
 
@@ -143,7 +143,7 @@ def _same_logits(
     want = run_chain(reference, x)
     got = [run_chain(blocked, x)]
     if shape[0] == 1:
-        bound = BoundChain(blocked, x, [s.get_outputs()[0].name for s in blocked[:-1]])
+        bound = BoundChain(blocked, x, chain_feeds(blocked))
         for call in bound.calls:
             call()
         got.append([out[s.get_outputs()[-1].name] for out, s in zip(bound.outputs, blocked, strict=True)])

@@ -33,6 +33,11 @@ def graph_call(session: ort.InferenceSession, outputs: Sequence[str]) -> Callabl
     return lambda input_name, x: cast(list[FloatArray], run(names, {input_name: x}, RUN_OPTIONS))
 
 
+def chain_feeds(stages: Sequence[ort.InferenceSession]) -> list[str]:
+    """What each stage but the last hands the next, by the export's convention: its first output."""
+    return [s.get_outputs()[0].name for s in stages[:-1]]
+
+
 def run_chain(stages: Sequence[ort.InferenceSession], x: FloatArray) -> list[FloatArray]:
     """Every exit's logits, feeding each stage's boundary tensor to the next stage."""
     logits = []

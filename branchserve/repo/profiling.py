@@ -30,7 +30,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from branchserve.repo.blocked import load_stages
-from branchserve.repo.graphcalls import BoundChain, graph_call
+from branchserve.repo.graphcalls import BoundChain, chain_feeds, graph_call
 from branchserve.repo.manifest import CostProfile, StageLatency
 from branchserve.repo.sessions import RUN_OPTIONS, load_session
 from branchserve.repo.tensors import Float64Array, FloatArray
@@ -88,7 +88,7 @@ class BoundGraphs(TimedGraphs):
 
     def __init__(self, stages: Sequence[ort.InferenceSession], full: ort.InferenceSession, x: FloatArray) -> None:
         self.stages = list(stages)
-        self.chain = BoundChain(self.stages, x, [s.get_outputs()[0].name for s in self.stages[:-1]])
+        self.chain = BoundChain(self.stages, x, chain_feeds(self.stages))
         self.full = BoundChain([full], x, [])
 
     def run_stage(self, k: int) -> None:
